@@ -1,0 +1,60 @@
+# The front door. Every target creates or updates .venv by itself, so on a fresh machine
+# `make serve` and `make test` are the only commands anyone needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Stamps record which extras are installed; they are rebuilt whenever pyproject.toml changes.
+SERVE_STAMP := $(VENV)/.installed-serve
+DEV_STAMP := $(VENV)/.installed-dev
+
+.PHONY: help serve test test-fast models bench lint loadtest audit clean
+
+help:
+	@echo "make serve   - run the service on the shipped models (installs .[serve])"
+	@echo "make test    - run the whole test suite (installs .[serve,train,dev])"
+	@echo "make models  - train, evaluate and export the four models into models/"
+	@echo "make bench   - benchmark the service against a naive baseline and the inference floor"
+	@echo "make lint    - ruff and mypy"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(SERVE_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[serve]'
+	@touch $@
+
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[serve,train,dev]'
+	@touch $@ $(SERVE_STAMP)
+
+serve: $(SERVE_STAMP)
+	@echo "make serve: not implemented yet - the REST service is issue #4." >&2; exit 2
+
+test: $(DEV_STAMP)
+	$(BIN)/python -m pytest
+
+# Everything but the tests marked slow, for a quick local loop (CI always runs the full `make test`).
+test-fast: $(DEV_STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+models: $(DEV_STAMP)
+	@echo "make models: not implemented yet - training and export are issue #3." >&2; exit 2
+
+bench: $(DEV_STAMP)
+	@echo "make bench: not implemented yet - the benchmark harness is issue #5." >&2; exit 2
+
+loadtest: $(DEV_STAMP)
+	@echo "make loadtest: not implemented yet - overload and soak tests are issue #7." >&2; exit 2
+
+audit: $(DEV_STAMP)
+	@echo "make audit: not implemented yet - pip-audit and bandit are issue #7." >&2; exit 2
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check service training tests
+	$(BIN)/ruff format --check service training tests
+	$(BIN)/mypy service training
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,51 @@
+"""Image decoding shared by the service and by training, so both see identical pixels.
+
+Kept free of web and ML frameworks: training imports it, and the service must never import torch.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image we can read. The message says what was wrong."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright 8-bit RGB from whatever mode a camera, scanner or editor produced.
+
+    EXIF orientation is applied first because phones store portrait shots sideways plus a tag.
+    Alpha is composited on black, the colour of the colposcope's dark surround, so a transparent
+    border does not read as a bright frame.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit greyscale: keep the top 8 bits instead of letting convert() clip everything above 255.
+        wide = np.asarray(image, dtype=np.uint32)
+        image = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_rgb(source: str | Path | bytes) -> np.ndarray:
+    """Decode a file or bytes to an upright HxWx3 uint8 RGB array."""
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with Image.open(stream) as image:
+            return np.asarray(to_rgb(image))
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ImageDecodeError(f"cannot decode image: {error}") from error
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """A binary mask image as HxW uint8 in {0, 1}: any non-zero pixel is foreground."""
+    with Image.open(path) as image:
+        return (np.asarray(ImageOps.exif_transpose(image).convert("L")) > 0).astype(np.uint8)

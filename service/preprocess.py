@@ -1,0 +1,90 @@
+"""Manifest-driven preprocessing: the only place that turns pixels into model inputs.
+
+Training calls these same functions for its deterministic (evaluation) transforms, so serving can
+never drift from what a model was trained and measured with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from service.manifest import InputSpec
+
+_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the source image landed inside the model input: maps model-space boxes back to pixels."""
+
+    scale_x: float
+    scale_y: float
+    pad_x: float
+    pad_y: float
+
+    def to_source(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        x0, y0, x1, y1 = box
+        return (
+            (x0 - self.pad_x) / self.scale_x,
+            (y0 - self.pad_y) / self.scale_y,
+            (x1 - self.pad_x) / self.scale_x,
+            (y1 - self.pad_y) / self.scale_y,
+        )
+
+    def to_input(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        x0, y0, x1, y1 = box
+        return (
+            x0 * self.scale_x + self.pad_x,
+            y0 * self.scale_y + self.pad_y,
+            x1 * self.scale_x + self.pad_x,
+            y1 * self.scale_y + self.pad_y,
+        )
+
+
+def fit(image: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, Placement]:
+    """Resize an HxWxC uint8 image to the spec's size by its resize rule."""
+    height, width = image.shape[:2]
+    resample = _RESAMPLE[spec.interpolation]
+    if spec.resize == "stretch":
+        resized = _resize(image, spec.width, spec.height, resample)
+        return resized, Placement(spec.width / width, spec.height / height, 0.0, 0.0)
+    scale = min(spec.width / width, spec.height / height)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    pad_x, pad_y = (spec.width - new_w) // 2, (spec.height - new_h) // 2
+    canvas = np.full((spec.height, spec.width, image.shape[2]), spec.pad_value, dtype=np.uint8)
+    canvas[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = _resize(image, new_w, new_h, resample)
+    return canvas, Placement(new_w / width, new_h / height, float(pad_x), float(pad_y))
+
+
+def _resize(image: np.ndarray, width: int, height: int, resample: Image.Resampling) -> np.ndarray:
+    if image.shape[1] == width and image.shape[0] == height:
+        return image
+    # Pillow resizes one band at a time for modes it has no multi-band type for (e.g. 4 channels of data).
+    if image.shape[2] == 3:
+        return np.asarray(Image.fromarray(image).resize((width, height), resample))
+    bands = [Image.fromarray(np.ascontiguousarray(image[..., c])) for c in range(image.shape[2])]
+    return np.stack([np.asarray(b.resize((width, height), resample)) for b in bands], axis=-1)
+
+
+def normalize(fitted: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """HxWxC uint8 at model size -> 1xCxHxW float32, scaled and standardised as the manifest says."""
+    if fitted.shape[2] != len(spec.channels):
+        raise ValueError(f"image has {fitted.shape[2]} channels, model expects {len(spec.channels)}")
+    mean = np.asarray(spec.mean, dtype=np.float32) / np.float32(spec.scale)
+    inv_std = np.float32(spec.scale) / np.asarray(spec.std, dtype=np.float32)
+    # One fused pass: (x*scale - mean) / std == (x - mean/scale) * (scale/std).
+    tensor = (fitted.astype(np.float32) - mean) * inv_std
+    return np.ascontiguousarray(tensor.transpose(2, 0, 1)[None])
+
+
+def prepare(image: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, Placement]:
+    """fit + normalize: the full deterministic path from an RGB(+extra) uint8 image to a model input."""
+    fitted, placement = fit(image, spec)
+    return normalize(fitted, spec), placement
