@@ -21,7 +21,9 @@ from training.data.adapters import (
 from training.data.records import Severity
 
 
-def _write_image(path: Path, size: tuple[int, int] = (40, 30), colour: tuple[int, int, int] = (200, 80, 90)) -> Path:
+def _write_image(
+    path: Path, size: tuple[int, int] = (40, 30), colour: tuple[int, int, int] = (200, 80, 90)
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path)
     return path
@@ -71,7 +73,7 @@ def test_atlas_vulva_photos_are_not_cervix(atlas_root: Path) -> None:
 
 
 def test_atlas_missing_folder_names_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="shared/README.md"):
+    with pytest.raises(FileNotFoundError, match=r"shared/README\.md"):
         iarc_atlas(tmp_path / "nowhere")
 
 
@@ -127,7 +129,7 @@ def test_image_mask_pairs_group_by_subject_and_load_masks(tmp_path: Path) -> Non
 def test_image_mask_pairs_report_a_missing_mask(tmp_path: Path) -> None:
     _write_image(tmp_path / "images" / "P1_x.jpg")
     (tmp_path / "masks").mkdir()
-    with pytest.raises(FileNotFoundError, match="no mask for P1_x.jpg"):
+    with pytest.raises(FileNotFoundError, match=r"no mask for P1_x\.jpg"):
         image_mask_pairs(tmp_path / "images", tmp_path / "masks")
 
 
@@ -159,7 +161,9 @@ def test_plain_csv_reads_every_column(tmp_path: Path) -> None:
     [("img.jpg,W1,,,,,,bad,", "unknown severity"), ("img.jpg,W1,,,,,,,vinegar", "unknown exam_stage")],
 )
 def test_plain_csv_errors_name_the_line(tmp_path: Path, row: str, message: str) -> None:
-    (tmp_path / "l.csv").write_text("path,subject,cervix_present,x0,y0,x1,y1,severity,exam_stage\n" + row + "\n")
+    (tmp_path / "l.csv").write_text(
+        "path,subject,cervix_present,x0,y0,x1,y1,severity,exam_stage\n" + row + "\n"
+    )
     with pytest.raises(ValueError, match=rf"l.csv:2: {message}"):
         plain_csv(tmp_path / "l.csv")
 

@@ -22,7 +22,9 @@ def _imported_roots(path: Path) -> set[str]:
 
 def test_service_source_never_imports_torch_or_training() -> None:
     offenders = {
-        str(path.relative_to(SERVICE.parent)): sorted(_imported_roots(path) & {"torch", "torchvision", "training"})
+        str(path.relative_to(SERVICE.parent)): sorted(
+            _imported_roots(path) & {"torch", "torchvision", "training"}
+        )
         for path in sorted(SERVICE.rglob("*.py"))
     }
     offenders = {path: names for path, names in offenders.items() if names}

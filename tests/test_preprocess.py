@@ -10,7 +10,14 @@ import pytest
 from PIL import Image
 
 from service.imaging import ImageDecodeError, load_rgb
-from service.manifest import InputSpec, Manifest, ModelIntegrityError, read_manifest, sha256_of, write_manifest
+from service.manifest import (
+    InputSpec,
+    Manifest,
+    ModelIntegrityError,
+    read_manifest,
+    sha256_of,
+    write_manifest,
+)
 from service.preprocess import fit, normalize, prepare
 
 
@@ -35,7 +42,8 @@ def _spec(**changes: object) -> InputSpec:
 
 
 @pytest.mark.parametrize(
-    "mode", ["RGB", "L", "P", "RGBA", "LA", "CMYK", "I;16", "1"],
+    "mode",
+    ["RGB", "L", "P", "RGBA", "LA", "CMYK", "I;16", "1"],
 )
 def test_every_pixel_mode_decodes_to_rgb_uint8(mode: str) -> None:
     fmt = "JPEG" if mode == "CMYK" else "PNG"

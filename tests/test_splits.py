@@ -15,7 +15,9 @@ subjects_strategy = st.lists(st.tuples(st.integers(1, 5), st.booleans()), min_si
 
 @settings(max_examples=60, deadline=None)
 @given(subjects_strategy, st.integers(2, 5), st.integers(0, 1000))
-def test_grouped_kfold_never_puts_a_subject_on_two_sides(rows: list[tuple[str, bool]], k: int, seed: int) -> None:
+def test_grouped_kfold_never_puts_a_subject_on_two_sides(
+    rows: list[tuple[str, bool]], k: int, seed: int
+) -> None:
     subjects = [s for s, _ in rows]
     strata = [label for _, label in rows]
     k = min(k, len(set(subjects)))

@@ -84,7 +84,7 @@ def iarc_atlas(root: Path = DEFAULT_ATLAS) -> list[ImageRecord]:
     """
     if not root.is_dir():
         raise FileNotFoundError(
-            f"IARC atlas not found at {root}; put the dataset there (see ../shared/README.md) or pass its path"
+            f"IARC atlas not found at {root}; put it there (see ../shared/README.md) or pass its path"
         )
     severity_by_case: dict[str, Severity] = {}
     for csv_path in sorted(root.glob("cases_*.csv")):
@@ -132,7 +132,9 @@ def mobileodt(root: Path) -> list[ImageRecord]:
 # --- COCO-style boxes ---------------------------------------------------------------------------
 
 
-def coco_boxes(annotation_json: Path, image_root: Path | None = None, category: str = "cervix") -> list[ImageRecord]:
+def coco_boxes(
+    annotation_json: Path, image_root: Path | None = None, category: str = "cervix"
+) -> list[ImageRecord]:
     """A COCO detection JSON: `bbox` [x, y, w, h] of category `category` -> cervix box.
 
     Images with no such annotation are negatives (cervix_present=False). The subject comes from an
@@ -161,7 +163,9 @@ def coco_boxes(annotation_json: Path, image_root: Path | None = None, category: 
             )
         subject = str(info.get("subject_id") or info.get("patient_id") or Path(info["file_name"]).stem)
         labels = Labels(cervix_present=bool(found), cervix_box=box)
-        records.append(ImageRecord(image_root / info["file_name"], labels, subject=f"coco-{subject}", source="coco"))
+        records.append(
+            ImageRecord(image_root / info["file_name"], labels, subject=f"coco-{subject}", source="coco")
+        )
     return records
 
 
@@ -267,7 +271,11 @@ def _csv_record(row: dict[str, str], base: Path) -> ImageRecord:
         exam_stage=stage,
     )
     return ImageRecord(
-        base / row["path"], labels, subject=f"csv-{row['subject']}", source="csv", mask_path=base / mask if mask else None
+        base / row["path"],
+        labels,
+        subject=f"csv-{row['subject']}",
+        source="csv",
+        mask_path=base / mask if mask else None,
     )
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class LabelledImage:
     subject: str  # the patient/case: every split groups by this
     source: str  # "synthetic", "iarc-atlas", "csv", ...
 
-    def with_image(self, image: np.ndarray, **label_changes: object) -> LabelledImage:
+    def with_image(self, image: np.ndarray, **label_changes: Any) -> LabelledImage:
         return replace(self, image=image, labels=replace(self.labels, **label_changes))
 
 

@@ -34,7 +34,9 @@ def _checked_strata(subjects: Sequence[str], strata: Sequence[Hashable] | None) 
     by_subject: dict[str, Hashable] = {}
     for subject, stratum in zip(subjects, strata, strict=True):
         if by_subject.setdefault(subject, stratum) != stratum:
-            raise ValueError(f"subject {subject!r} has images in strata {by_subject[subject]!r} and {stratum!r}")
+            raise ValueError(
+                f"subject {subject!r} has images in strata {by_subject[subject]!r} and {stratum!r}"
+            )
     return [repr(s) for s in strata]
 
 
@@ -102,4 +104,6 @@ def assert_disjoint(split: Split, subjects: Sequence[str]) -> None:
         for b in range(a + 1, len(sides)):
             shared = split.subjects(subjects, sides[a]) & split.subjects(subjects, sides[b])
             if shared:
-                raise AssertionError(f"{split.name}: subjects on both {sides[a]} and {sides[b]}: {sorted(shared)[:5]}")
+                raise AssertionError(
+                    f"{split.name}: subjects on both {sides[a]} and {sides[b]}: {sorted(shared)[:5]}"
+                )

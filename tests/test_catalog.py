@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from training.data import catalog
+from training.data.splits import assert_disjoint
+
+
+def test_every_task_holds_out_the_same_real_cases(atlas_root: Path) -> None:
+    fold_of = catalog.real_fold_of_subject(atlas_root)
+    for task in ("detector", "quality", "severity"):
+        data = catalog.task_data(task, atlas_root)
+        subjects = [r.subject for r in data.real]
+        for k, split in enumerate(catalog.real_folds(data.real, fold_of)):
+            assert_disjoint(split, subjects)
+            assert all(fold_of[subjects[i]] == k for i in split.val), f"{task}: {split.name} strays from fold {k}"
+
+
+def test_each_fold_holds_out_both_grades_and_some_negatives(atlas_root: Path) -> None:
+    data = catalog.task_data("detector", atlas_root)
+    for split in catalog.real_folds(data.real, catalog.real_fold_of_subject(atlas_root)):
+        held = [data.real[i] for i in split.val]
+        grades = {r.labels.severity for r in held if r.labels.severity is not None}
+        assert len(grades) == 2, f"{split.name} holds out grades {grades}"
+        assert any(r.source == "skimage" for r in held), f"{split.name} holds out no non-cervix photo"
+
+
+def test_task_sources_match_their_purpose(atlas_root: Path) -> None:
+    severity = catalog.task_data("severity", atlas_root).real
+    assert severity and all(r.labels.exam_stage == "acetic" and r.labels.severity is not None for r in severity)
+    quality = catalog.task_data("quality", atlas_root).real
+    assert quality and all(r.labels.exam_stage is not None for r in quality)
+    assert catalog.task_data("segmenter", atlas_root).real == []
+    detector = catalog.task_data("detector", atlas_root).real
+    assert {r.labels.cervix_present for r in detector} == {True, False}

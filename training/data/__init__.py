@@ -1,0 +1,1 @@
+"""Training data layer: one label vocabulary, real adapters, synthetic scenes, degradations, splits."""

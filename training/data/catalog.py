@@ -1,0 +1,113 @@
+"""Which data feeds which model, and how it is split. `python -m training.data summary` prints it.
+
+The real atlas is small (45 cases), so every task is evaluated on held-out atlas cases by grouped
+k-fold, and synthetic scenes (exact labels, unlimited) carry what the atlas cannot label.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.data.adapters import DEFAULT_ATLAS, iarc_atlas, skimage_negatives
+from training.data.records import ImageRecord
+from training.data.splits import Split, grouped_kfold
+
+TASKS = ("detector", "quality", "segmenter", "severity")
+ATLAS_FOLDS = 5
+SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class TaskData:
+    task: str
+    real: list[ImageRecord]
+    synthetic_subjects: int  # each synthetic subject renders one image per exam stage
+    uses: str  # what the task takes from each source, for reports and the README
+
+
+# Synthetic subject counts per task: enough to train the small models on this 2-core machine in
+# the `make models` budget; the synthetic holdout keeps 2/7 of them (val + test) out of training.
+SYNTHETIC_SUBJECTS = {"detector": 600, "quality": 400, "segmenter": 800, "severity": 600}
+
+
+def task_data(task: str, atlas_root: Path = DEFAULT_ATLAS) -> TaskData:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    atlas = iarc_atlas(atlas_root) if atlas_root.is_dir() else []
+    synthetic = SYNTHETIC_SUBJECTS[task]
+    if task == "detector":
+        return TaskData(
+            task,
+            atlas + skimage_negatives(),
+            synthetic,
+            "atlas: cervix present/absent (no boxes); scikit-image photos: real negatives; "
+            "synthetic: boxes and no-cervix scenes",
+        )
+    if task == "quality":
+        staged = [r for r in atlas if r.labels.exam_stage is not None]
+        return TaskData(
+            task,
+            staged,
+            synthetic,
+            "atlas: sharp sources degraded on the fly + exam stage; synthetic: the same, with exact geometry",
+        )
+    if task == "segmenter":
+        return TaskData(task, [], synthetic, "synthetic only: the atlas has no pixel masks")
+    acetic = [r for r in atlas if r.labels.exam_stage == "acetic" and r.labels.severity is not None]
+    return TaskData(
+        task,
+        acetic,
+        synthetic,
+        "atlas: acetic-acid views with the case's histology; synthetic: acetic views with lesion grade",
+    )
+
+
+def real_fold_of_subject(atlas_root: Path = DEFAULT_ATLAS) -> dict[str, int]:
+    """Each real subject's held-out fold, fixed once over all real data so every task holds out the
+    same cases (a case held out by the severity model is held out by the detector too).
+
+    Stratified by case histology; a case's grade applies to all its images (its vulva photo too).
+    Subjects with no grade, the scikit-image negatives, form their own stratum and are spread too.
+    """
+    records = (iarc_atlas(atlas_root) if atlas_root.is_dir() else []) + skimage_negatives()
+    subjects = [r.subject for r in records]
+    grade = {r.subject: r.labels.severity.name for r in records if r.labels.severity is not None}
+    folds = grouped_kfold(
+        subjects, ATLAS_FOLDS, seed=SPLIT_SEED, strata=[grade.get(s, "none") for s in subjects], dataset="real"
+    )
+    return {subjects[i]: fold for fold, split in enumerate(folds) for i in split.val}
+
+
+def real_folds(records: list[ImageRecord], fold_of: dict[str, int]) -> list[Split]:
+    """The grouped k-fold every real-data metric is reported on, restricted to `records`."""
+    folds = [fold_of[r.subject] for r in records]
+    return [
+        Split(
+            f"real-gkf{ATLAS_FOLDS}-s{SPLIT_SEED}-f{k}",
+            train=tuple(i for i, f in enumerate(folds) if f != k),
+            val=tuple(i for i, f in enumerate(folds) if f == k),
+        )
+        for k in range(ATLAS_FOLDS)
+    ]
+
+
+def describe(data: TaskData) -> dict[str, object]:
+    sources = Counter(r.source for r in data.real)
+    real_subjects = len({r.subject for r in data.real})
+    summary: dict[str, object] = {
+        "task": data.task,
+        "real_images": dict(sources),
+        "real_subjects": real_subjects,
+        "synthetic_subjects": data.synthetic_subjects,
+        "uses": data.uses,
+    }
+    if data.real:
+        subjects = [r.subject for r in data.real]
+        summary["real_folds"] = [
+            {"split": s.name, "train_images": len(s.train), "held_out_images": len(s.val),
+             "held_out_subjects": len(s.subjects(subjects, "val"))}
+            for s in real_folds(data.real, real_fold_of_subject())
+        ]  # fmt: skip
+    return summary
