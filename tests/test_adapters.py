@@ -179,3 +179,18 @@ def test_skimage_negatives_are_real_photos_without_cervix() -> None:
     assert len(records) >= 20 and len({r.subject for r in records}) == len(records)
     astronaut = next(r for r in records if r.subject == "skimage-astronaut").load()
     assert astronaut.image.shape == (512, 512, 3) and astronaut.labels.cervix_present is False
+
+
+def test_atlas_marks_are_removed_on_load_unless_asked_not_to(atlas_root: Path) -> None:
+    from training.data.annotations import annotation_mask
+
+    # The most-marked of the first dozen atlas images (many carry drawn arrows or outlines).
+    raw_records = iarc_atlas(atlas_root, remove_marks=False)
+    marked = max(raw_records[:12], key=lambda r: annotation_mask(r.load().image).mean())
+    raw = marked.load().image
+    assert annotation_mask(raw).mean() > 0.001, "expected a marked image among the first atlas records"
+    clean_record = next(r for r in iarc_atlas(atlas_root) if r.path == marked.path)
+    clean = clean_record.load().image
+    assert annotation_mask(clean).mean() < annotation_mask(raw).mean() / 4
+    changed = np.any(clean != raw, axis=2)
+    assert changed.mean() < 0.05, "removal repaints the marks, not the tissue"

@@ -13,7 +13,9 @@ def test_every_task_holds_out_the_same_real_cases(atlas_root: Path) -> None:
         subjects = [r.subject for r in data.real]
         for k, split in enumerate(catalog.real_folds(data.real, fold_of)):
             assert_disjoint(split, subjects)
-            assert all(fold_of[subjects[i]] == k for i in split.val), f"{task}: {split.name} strays from fold {k}"
+            assert all(fold_of[subjects[i]] == k for i in split.val), (
+                f"{task}: {split.name} strays from fold {k}"
+            )
 
 
 def test_each_fold_holds_out_both_grades_and_some_negatives(atlas_root: Path) -> None:
@@ -27,7 +29,9 @@ def test_each_fold_holds_out_both_grades_and_some_negatives(atlas_root: Path) ->
 
 def test_task_sources_match_their_purpose(atlas_root: Path) -> None:
     severity = catalog.task_data("severity", atlas_root).real
-    assert severity and all(r.labels.exam_stage == "acetic" and r.labels.severity is not None for r in severity)
+    assert severity and all(
+        r.labels.exam_stage == "acetic" and r.labels.severity is not None for r in severity
+    )
     quality = catalog.task_data("quality", atlas_root).real
     assert quality and all(r.labels.exam_stage is not None for r in quality)
     assert catalog.task_data("segmenter", atlas_root).real == []

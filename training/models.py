@@ -40,7 +40,9 @@ class CervixDetector(nn.Module):
 class QualityNet(nn.Module):
     """Cervix crop -> P(sharp) logit, blur-kind logits (none/defocus/motion), exam-stage logits."""
 
-    def __init__(self, n_blur_kinds: int, n_stages: int, width_mult: float = 1.0, dropout: float = 0.2) -> None:
+    def __init__(
+        self, n_blur_kinds: int, n_stages: int, width_mult: float = 1.0, dropout: float = 0.2
+    ) -> None:
         super().__init__()
         self.features, channels = _small_backbone(3, width_mult)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -70,7 +72,7 @@ class LesionSegmenter(nn.Module):
 
 
 class SeverityNet(nn.Module):
-    """Cervix crop RGB + lesion-probability channel -> CIN2+ logit (the SegNet + ResNet paper's 4-channel idea)."""
+    """Crop RGB + lesion-probability channel -> CIN2+ logit (the SegNet + ResNet paper's 4-channel input)."""
 
     def __init__(self, width_mult: float = 1.0, dropout: float = 0.3) -> None:
         super().__init__()

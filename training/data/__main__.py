@@ -15,7 +15,12 @@ def _summary(args: argparse.Namespace) -> None:
     tasks = [catalog.describe(catalog.task_data(task)) for task in catalog.TASKS]
     subjects = [f"synthetic-{seed}" for seed in range(max(catalog.SYNTHETIC_SUBJECTS.values()))]
     split = holdout(subjects, seed=catalog.SPLIT_SEED, dataset="synthetic")
-    synthetic = {"split": split.name, "train": len(split.train), "val": len(split.val), "test": len(split.test)}
+    synthetic = {
+        "split": split.name,
+        "train": len(split.train),
+        "val": len(split.val),
+        "test": len(split.test),
+    }
     print(json.dumps({"tasks": tasks, "synthetic_holdout_subjects": synthetic}, indent=2))
 
 
@@ -37,7 +42,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     preview_parser = commands.add_parser("preview", help="remake the real-vs-synthetic contact sheet")
     preview.add_arguments(preview_parser)
     preview_parser.set_defaults(handler=lambda a: print(preview.run(a)))
-    commands.add_parser("summary", help="dataset sizes per task and split counts").set_defaults(handler=_summary)
+    commands.add_parser("summary", help="dataset sizes per task and split counts").set_defaults(
+        handler=_summary
+    )
     speed = commands.add_parser("speed", help="synthetic generator throughput on one core")
     speed.add_argument("--size", type=int, default=512)
     speed.add_argument("--n", type=int, default=200)

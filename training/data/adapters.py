@@ -76,11 +76,21 @@ def atlas_severity(histopathology: str) -> Severity:
     raise ValueError(f"unrecognised histopathology diagnosis {histopathology!r}")
 
 
-def iarc_atlas(root: Path = DEFAULT_ATLAS) -> list[ImageRecord]:
+def _load_atlas_without_marks(record: ImageRecord) -> LabelledImage:
+    from training.data.annotations import remove_annotations  # scipy-based, training-only
+
+    loaded = load_record(record)
+    return loaded.with_image(remove_annotations(loaded.image))
+
+
+def iarc_atlas(root: Path = DEFAULT_ATLAS, *, remove_marks: bool = True) -> list[ImageRecord]:
     """The IARC atlas layout: `cases_{high,low}_grade.csv` + `images_*/case_<ID>/<n>_<Stage>.jpg`.
 
     Severity is the case's histology, so it applies to every image of the case (including the
     saline and iodine views). Cervix boxes are not annotated in the atlas: `cervix_box` stays None.
+    Drawn arrows, outlines and on-screen text sit on lesions and differ by grade, so by default they
+    are inpainted on load (`training/data/annotations.py`); training also draws random marks on
+    every source, so whatever survives carries no label information.
     """
     if not root.is_dir():
         raise FileNotFoundError(
@@ -103,7 +113,15 @@ def iarc_atlas(root: Path = DEFAULT_ATLAS) -> list[ImageRecord]:
                 severity=severity_by_case[case_id] if shows_cervix else None,
                 exam_stage=atlas_stage(path.name) if shows_cervix else None,
             )
-            records.append(ImageRecord(path, labels, subject=f"iarc-{case_id}", source="iarc-atlas"))
+            records.append(
+                ImageRecord(
+                    path,
+                    labels,
+                    subject=f"iarc-{case_id}",
+                    source="iarc-atlas",
+                    loader=_load_atlas_without_marks if remove_marks else None,
+                )
+            )
     return records
 
 

@@ -75,7 +75,11 @@ def real_fold_of_subject(atlas_root: Path = DEFAULT_ATLAS) -> dict[str, int]:
     subjects = [r.subject for r in records]
     grade = {r.subject: r.labels.severity.name for r in records if r.labels.severity is not None}
     folds = grouped_kfold(
-        subjects, ATLAS_FOLDS, seed=SPLIT_SEED, strata=[grade.get(s, "none") for s in subjects], dataset="real"
+        subjects,
+        ATLAS_FOLDS,
+        seed=SPLIT_SEED,
+        strata=[grade.get(s, "none") for s in subjects],
+        dataset="real",
     )
     return {subjects[i]: fold for fold, split in enumerate(folds) for i in split.val}
 

@@ -25,8 +25,12 @@ _MAX_BYTES = 1_400_000  # docs/ stays light
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="PNG to write (default: %(default)s)")
-    parser.add_argument("--atlas", type=Path, default=DEFAULT_ATLAS,
-                        help="IARC atlas folder with images_*/case_*/*.jpg (default: %(default)s)")
+    parser.add_argument(
+        "--atlas",
+        type=Path,
+        default=DEFAULT_ATLAS,
+        help="IARC atlas folder with images_*/case_*/*.jpg (default: %(default)s)",
+    )
     parser.add_argument("--n", type=int, default=24, help="thumbnails per side (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="picks the real images and the synthetic seeds")
 
@@ -81,7 +85,8 @@ def run(args: argparse.Namespace) -> Path:
     sheet.save(out, optimize=True)
     if out.stat().st_size > _MAX_BYTES:  # photos compress badly as PNG: fall back to a 256-colour palette
         sheet.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG).save(
-            out, optimize=True)
+            out, optimize=True
+        )
     if not has_real:
         print(f"no atlas images under {args.atlas}: wrote a synthetic-only sheet")
     print(f"wrote {out} ({sheet.width}x{sheet.height})")

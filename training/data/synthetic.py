@@ -258,8 +258,15 @@ class _Frame:
             i = np.floor(s).astype(np.intp)
             t = s - i
             # Keys cubic convolution (a = -0.5), the kernel PIL's BICUBIC uses for the horizontal pass.
-            w = np.stack([((-0.5 * t + 1.0) * t - 0.5) * t, (1.5 * t - 2.5) * t * t + 1.0,
-                          ((-1.5 * t + 2.0) * t + 0.5) * t, (0.5 * t - 0.5) * t * t], axis=1)
+            w = np.stack(
+                [
+                    ((-0.5 * t + 1.0) * t - 0.5) * t,
+                    (1.5 * t - 2.5) * t * t + 1.0,
+                    ((-1.5 * t + 2.0) * t + 0.5) * t,
+                    (0.5 * t - 0.5) * t * t,
+                ],
+                axis=1,
+            )
             idx = np.clip(i[:, None] + np.arange(-1, 3)[None, :], 0, g - 1)
             taps = (idx, w.astype(_F32))
             self._vtaps[g] = taps
@@ -286,10 +293,10 @@ class _Grid:
 
     def field(self, key: object, small: np.ndarray) -> np.ndarray:
         """This band of a small noise grid (over the padded window) resampled bicubically to the picture."""
-        t = self.frame.hpass(key, small)[:, self.c0:self.c1]
+        t = self.frame.hpass(key, small)[:, self.c0 : self.c1]
         idx, w = self.frame.vtaps(small.shape[0])
         # einsum, not a matmul: OpenBLAS threads spinning between many tiny calls would eat the other cores.
-        return np.einsum("ij,ijk->ik", w[self.r0:self.r1], t[idx[self.r0:self.r1]])
+        return np.einsum("ij,ijk->ik", w[self.r0 : self.r1], t[idx[self.r0 : self.r1]])
 
     def noise(self, seed: int, base: int, octaves: int, gain: float = 0.5) -> np.ndarray:
         key = (seed, base, octaves, gain)
@@ -319,23 +326,38 @@ def _jitter_colour(rng: np.random.Generator, rgb: RGB, amount: float) -> RGB:
     return float(c[0]), float(c[1]), float(c[2])
 
 
-def _sample_lesions(rng: np.random.Generator, severity: Severity, col_r: float, ox: float, oy: float
-                    ) -> tuple[Blob, ...]:
+def _sample_lesions(
+    rng: np.random.Generator, severity: Severity, col_r: float, ox: float, oy: float
+) -> tuple[Blob, ...]:
     blobs: list[tuple[float, ...]] = []
     if severity is Severity.HIGH_GRADE:
         # Dense patches hugging the os and the squamocolumnar junction, often wrapping round the os.
         for i in range(int(rng.integers(1, 4))):
             ang = rng.uniform(0, 2 * np.pi)
             d = 0.0 if i == 0 and rng.random() < 0.5 else rng.uniform(0.3, 1.0) * max(col_r, 0.25)
-            blobs.append((ox + d * np.cos(ang), oy + 0.8 * d * np.sin(ang),
-                          rng.uniform(0.22, 0.55), rng.uniform(0.15, 0.4), rng.uniform(-0.6, 0.6)))
+            blobs.append(
+                (
+                    ox + d * np.cos(ang),
+                    oy + 0.8 * d * np.sin(ang),
+                    rng.uniform(0.22, 0.55),
+                    rng.uniform(0.15, 0.4),
+                    rng.uniform(-0.6, 0.6),
+                )
+            )
     elif severity is Severity.LOW_GRADE:
         # Thin, scattered, smaller patches in the TZ with satellites further out.
         for _ in range(int(rng.integers(1, 5))):
             ang = rng.uniform(0, 2 * np.pi)
             d = rng.uniform(0.15, 0.75)
-            blobs.append((ox + d * np.cos(ang), oy + 0.8 * d * np.sin(ang),
-                          rng.uniform(0.1, 0.32), rng.uniform(0.07, 0.22), rng.uniform(-np.pi, np.pi)))
+            blobs.append(
+                (
+                    ox + d * np.cos(ang),
+                    oy + 0.8 * d * np.sin(ang),
+                    rng.uniform(0.1, 0.32),
+                    rng.uniform(0.07, 0.22),
+                    rng.uniform(-np.pi, np.pi),
+                )
+            )
     return tuple(Blob(*(float(f) for f in b)) for b in blobs)
 
 
@@ -354,7 +376,8 @@ def sample_subject(seed: int) -> SceneParams:
     os_x, os_y = rng.normal(0, 0.08), rng.normal(0, 0.08)
     # Ectropion: from none to most of the face (young women, the pill, pregnancy).
     col_r = [rng.uniform(0.0, 0.12), rng.uniform(0.12, 0.4), rng.uniform(0.4, 0.75)][
-        int(rng.choice(3, p=[0.25, 0.45, 0.3]))]
+        int(rng.choice(3, p=[0.25, 0.45, 0.3]))
+    ]
     col_rx = max(col_r, os_len * 0.8 + 0.03)
     col_ry = col_rx * rng.uniform(0.55, 0.95)
     cysts = []
@@ -362,25 +385,44 @@ def sample_subject(seed: int) -> SceneParams:
         ang = rng.uniform(0, 2 * np.pi)
         d = rng.uniform(col_rx + 0.05, min(0.9, col_rx + 0.45))
         r = rng.uniform(0.02, 0.08)
-        cysts.append(Blob(float(os_x + d * np.cos(ang)), float(os_y + 0.8 * d * np.sin(ang)), float(r),
-                          float(r * rng.uniform(0.8, 1.2)), 0.0))
+        cysts.append(
+            Blob(
+                float(os_x + d * np.cos(ang)),
+                float(os_y + 0.8 * d * np.sin(ang)),
+                float(r),
+                float(r * rng.uniform(0.8, 1.2)),
+                0.0,
+            )
+        )
     lesions = _sample_lesions(rng, severity, col_rx, os_x, os_y)
     high = severity is Severity.HIGH_GRADE
     speculum = str(_pick(rng, ("metal", "plastic", "tube", "none"), (0.4, 0.25, 0.25, 0.1)))
     # Squamous pink varies from pale to livid (pregnancy, inflammation) to pale-atrophic.
-    squamous = _pick(rng, ((0.93, 0.62, 0.62), (0.9, 0.52, 0.54), (0.85, 0.5, 0.58), (0.94, 0.74, 0.72)),
-                     (0.35, 0.3, 0.15, 0.2))
+    squamous = _pick(
+        rng,
+        ((0.93, 0.62, 0.62), (0.9, 0.52, 0.54), (0.85, 0.5, 0.58), (0.94, 0.74, 0.72)),
+        (0.35, 0.3, 0.15, 0.2),
+    )
     return SceneParams(
         seed=int(seed),
         severity=severity,
         cervix_in_view=True,
         view_kind="cervix",
-        cx=float(cx), cy=float(cy), rx=float(rx), ry=float(ry),
-        angle=float(rng.normal(0, 0.15)), wobble=float(rng.uniform(0.03, 0.1)),
-        os_x=float(os_x), os_y=float(os_y), os_len=float(os_len), os_width=float(os_width),
+        cx=float(cx),
+        cy=float(cy),
+        rx=float(rx),
+        ry=float(ry),
+        angle=float(rng.normal(0, 0.15)),
+        wobble=float(rng.uniform(0.03, 0.1)),
+        os_x=float(os_x),
+        os_y=float(os_y),
+        os_len=float(os_len),
+        os_width=float(os_width),
         os_curve=float(np.clip(rng.normal(0, 0.6), -1.2, 1.2)) if parous else 0.0,
         lips=float(rng.uniform(0.2, 0.6)) if parous else float(rng.uniform(0.0, 0.15)),
-        col_rx=float(col_rx), col_ry=float(col_ry), col_wobble=float(rng.uniform(0.1, 0.3)),
+        col_rx=float(col_rx),
+        col_ry=float(col_ry),
+        col_wobble=float(rng.uniform(0.1, 0.3)),
         tz_scale=float(rng.uniform(1.25, 1.9)),
         cysts=tuple(cysts),
         lesions=lesions,
@@ -417,8 +459,10 @@ def _sample_shot(rng: np.random.Generator, params: SceneParams, stage: str) -> _
         u0=0.5 - span / 2 + float(rng.normal(0, 0.025)),
         v0=0.5 - span / 2 + float(rng.normal(0, 0.025)),
         span=span,
-        light_u=float(rng.normal(0.5, 0.1)), light_v=float(rng.normal(0.5, 0.1)),
-        falloff=float(rng.uniform(0.2, 1.0)), vignette=float(rng.uniform(0.2, 0.7)),
+        light_u=float(rng.normal(0.5, 0.1)),
+        light_v=float(rng.normal(0.5, 0.1)),
+        falloff=float(rng.uniform(0.2, 1.0)),
+        vignette=float(rng.uniform(0.2, 0.7)),
         exposure=float(np.exp(rng.normal(0.2, 0.15))),
         gains=(float(gains[0]), float(gains[1]), float(gains[2])),
         gamma=float(rng.uniform(0.8, 1.05)),
@@ -586,8 +630,15 @@ class _Outline:
     aa: float
 
     def cols(self, c0: int, c1: int) -> _Outline:
-        return _Outline(self.a[:, c0:c1], self.b[:, c0:c1], self.lo[:, c0:c1], self.bumps[:, c0:c1],
-                        self.rho[:, c0:c1], self.alpha[:, c0:c1], self.aa)
+        return _Outline(
+            self.a[:, c0:c1],
+            self.b[:, c0:c1],
+            self.lo[:, c0:c1],
+            self.bumps[:, c0:c1],
+            self.rho[:, c0:c1],
+            self.alpha[:, c0:c1],
+            self.aa,
+        )
 
 
 def _outline(p: SceneParams, g: _Grid) -> _Outline:
@@ -607,8 +658,16 @@ def _fornix_shadow(img: np.ndarray, rho: np.ndarray, lo: np.ndarray) -> None:
     _scale(img, 1.0 - 0.8 * np.exp(-rim))
 
 
-def _cervix(img: np.ndarray, p: SceneParams, g: _Grid, ol: _Outline, pal: _Palette, stage: str, shot: _Shot,
-            sf: _ShotFields) -> tuple[np.ndarray, np.ndarray]:
+def _cervix(
+    img: np.ndarray,
+    p: SceneParams,
+    g: _Grid,
+    ol: _Outline,
+    pal: _Palette,
+    stage: str,
+    shot: _Shot,
+    sf: _ShotFields,
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw the cervix onto img (this grid's columns); return (lesion mask, how much it faces the lens)."""
     a, b, lo, rho, alpha, aa = ol.a, ol.b, ol.lo, ol.rho, ol.alpha, ol.aa
     seed = p.tissue_seed
@@ -620,8 +679,11 @@ def _cervix(img: np.ndarray, p: SceneParams, g: _Grid, ol: _Outline, pal: _Palet
     bo = b - p.os_y
     bend = bo - p.os_curve * ao * ao
     # Lips: the surface rolls into the slit, so it darkens towards the groove along its whole length.
-    groove = np.exp(-(bend * bend) * (1.0 / (p.os_width * 6.0) ** 2)) * _smooth(
-        1.0 + 2.5 * p.lips, 0.6, np.abs(ao) / (p.os_len + 0.05)) * p.lips
+    groove = (
+        np.exp(-(bend * bend) * (1.0 / (p.os_width * 6.0) ** 2))
+        * _smooth(1.0 + 2.5 * p.lips, 0.6, np.abs(ao) / (p.os_len + 0.05))
+        * p.lips
+    )
     shade = (0.3 + 0.7 * np.sqrt(z)) * (1.0 - 0.55 * groove) * (1.0 + 0.07 * mid)
     grain = g.noise(seed + 5, 192, 1)
     shade *= 1.0 + 0.025 * grain
@@ -709,9 +771,20 @@ def _cervix(img: np.ndarray, p: SceneParams, g: _Grid, ol: _Outline, pal: _Palet
     return lesion, facing
 
 
-def _lesion(tissue: np.ndarray, p: SceneParams, g: _Grid, pal: _Palette, stage: str, a: np.ndarray,
-            b: np.ndarray, aa: float, lo: np.ndarray, mid: np.ndarray, grain: np.ndarray, dots: np.ndarray
-            ) -> np.ndarray:
+def _lesion(
+    tissue: np.ndarray,
+    p: SceneParams,
+    g: _Grid,
+    pal: _Palette,
+    stage: str,
+    a: np.ndarray,
+    b: np.ndarray,
+    aa: float,
+    lo: np.ndarray,
+    mid: np.ndarray,
+    grain: np.ndarray,
+    dots: np.ndarray,
+) -> np.ndarray:
     """Draw the lesion in its stage's look onto tissue; return its mask (anatomy: the same in every stage)."""
     lfield = np.full((g.h, g.w), 9.0, _F32)
     for blob in p.lesions:
@@ -790,8 +863,12 @@ def _speculum(img: np.ndarray, p: SceneParams, g: _Grid, pal: _Palette, shot: _S
             dd = np.clip(d, 0.0, None)
             if p.speculum == "metal":
                 # Polished steel: bright rolled tip, dark band, broad soft reflections of the pink tissue.
-                shade = (0.5 + 0.7 * np.exp(dd * -60.0) + 0.35 * np.exp(-(((dd - 0.09) * 20.0) ** 2))
-                         + 0.12 * np.sin(x * 9.0 + dd * 25.0))
+                shade = (
+                    0.5
+                    + 0.7 * np.exp(dd * -60.0)
+                    + 0.35 * np.exp(-(((dd - 0.09) * 20.0) ** 2))
+                    + 0.12 * np.sin(x * 9.0 + dd * 25.0)
+                )
                 colour = (0.8 * shade + 0.08, 0.76 * shade, 0.78 * shade)
             else:
                 # Translucent turquoise plastic: glossy tip, a little darker deeper in.
@@ -807,8 +884,9 @@ def _speculum(img: np.ndarray, p: SceneParams, g: _Grid, pal: _Palette, shot: _S
         if float(d.max()) >= -aa:
             a = _ramp(-aa, aa, d)
             dd = np.clip(d, 0.0, None)
-            shade = (0.45 + 0.75 * np.exp(dd * -50.0) + 0.35 * np.exp(-(((dd - 0.07) * 30.0) ** 2))) * \
-                (0.25 + 0.75 * _ramp(0.3, 0.0, dd))
+            shade = (0.45 + 0.75 * np.exp(dd * -50.0) + 0.35 * np.exp(-(((dd - 0.07) * 30.0) ** 2))) * (
+                0.25 + 0.75 * _ramp(0.3, 0.0, dd)
+            )
             _blend(img, a, (0.8 * shade + 0.05, 0.77 * shade, 0.75 * shade))
             np.maximum(occ, a, out=occ)
     return occ
@@ -953,7 +1031,8 @@ def render(
         if inside.size:
             c0, c1 = int(inside[0]), int(inside[-1]) + 1
             les[:, c0:c1], facing = _cervix(
-                img[:, :, c0:c1], params, g.cols(c0, c1), ol.cols(c0, c1), pal, look, shot, sf)
+                img[:, :, c0:c1], params, g.cols(c0, c1), ol.cols(c0, c1), pal, look, shot, sf
+            )
             wet[:, c0:c1] += 0.7 * facing
             cervix[:, c0:c1] = ol.alpha[:, c0:c1]
         occ = _speculum(img, params, g, pal, shot)
@@ -976,13 +1055,19 @@ def render(
         cols = np.flatnonzero(visible.any(axis=0))
         rws = np.flatnonzero(visible.any(axis=1))
         box = (float(cols[0]), float(rws[0]), float(cols[-1] + 1), float(rws[-1] + 1))
-    labels = Labels(cervix_present=present, cervix_box=box, lesion_mask=lesion.astype(np.uint8),
-                    severity=params.severity, exam_stage=stage)
+    labels = Labels(
+        cervix_present=present,
+        cervix_box=box,
+        lesion_mask=lesion.astype(np.uint8),
+        severity=params.severity,
+        exam_stage=stage,
+    )
     return LabelledImage(image=image, labels=labels, subject=f"synthetic-{params.seed}", source="synthetic")
 
 
-def generate_subject(seed: int, size: tuple[int, int] = (512, 512), stages: tuple[str, ...] = EXAM_STAGES
-                     ) -> list[LabelledImage]:
+def generate_subject(
+    seed: int, size: tuple[int, int] = (512, 512), stages: tuple[str, ...] = EXAM_STAGES
+) -> list[LabelledImage]:
     """One subject, one photo per exam stage: same anatomy, different shots, subject id synthetic-{seed}."""
     params = sample_subject(seed)
     return [render(params, stage, size, seed=i) for i, stage in enumerate(stages)]
@@ -1013,8 +1098,11 @@ def _without_cervix(p: SceneParams, kind: str, rng: np.random.Generator) -> Scen
         "cy": float(0.5 + rng.uniform(0.35, 0.7) * np.sin(ang)),
     }
     if kind == "speculum":
-        changes.update(speculum=str(_pick(rng, ("metal", "plastic"), (0.6, 0.4))),
-                       blade_a=float(rng.uniform(0.3, 0.5)), blade_b=float(rng.uniform(-0.1, 0.3)))
+        changes.update(
+            speculum=str(_pick(rng, ("metal", "plastic"), (0.6, 0.4))),
+            blade_a=float(rng.uniform(0.3, 0.5)),
+            blade_b=float(rng.uniform(-0.1, 0.3)),
+        )
     elif kind == "closeup":
         changes.update(speculum="none", side_walls=0.0)
     return replace(p, **changes)
