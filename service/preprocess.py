@@ -88,3 +88,27 @@ def prepare(image: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, Placement]:
     """fit + normalize: the full deterministic path from an RGB(+extra) uint8 image to a model input."""
     fitted, placement = fit(image, spec)
     return normalize(fitted, spec), placement
+
+
+def crop_box(
+    box: tuple[float, float, float, float], width: int, height: int, margin: float
+) -> tuple[int, int, int, int]:
+    """The region the crop-level models see around a detected cervix.
+
+    The box grows by `margin` of its size on every side (the detector's box is tight and the
+    transformation zone's edge matters), then its short side grows to make it square where the
+    frame allows, because the crop models letterbox a square. Clipped to the image; never empty.
+    """
+    x0, y0, x1, y1 = box
+    grow_x, grow_y = (x1 - x0) * margin, (y1 - y0) * margin
+    x0, y0, x1, y1 = x0 - grow_x, y0 - grow_y, x1 + grow_x, y1 + grow_y
+    side = max(x1 - x0, y1 - y0)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left, top = max(0, round(cx - side / 2)), max(0, round(cy - side / 2))
+    right, bottom = min(width, round(cx + side / 2)), min(height, round(cy + side / 2))
+    return left, top, max(right, left + 1), max(bottom, top + 1)
+
+
+def crop(image: np.ndarray, region: tuple[int, int, int, int]) -> np.ndarray:
+    left, top, right, bottom = region
+    return image[top:bottom, left:right]

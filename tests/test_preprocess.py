@@ -150,3 +150,17 @@ def test_manifest_round_trip_and_integrity(tmp_path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ValueError):
         read_manifest(tmp_path, verify=False)
+
+
+def test_crop_box_grows_squares_and_clips() -> None:
+    from service.preprocess import crop, crop_box
+
+    region = crop_box((300, 200, 500, 300), width=800, height=600, margin=0.1)
+    left, top, right, bottom = region
+    assert (right - left) == (bottom - top) == 240, "200x100 box + 10 % each side, squared to its long side"
+    assert (left + right) / 2 == 400 and (top + bottom) / 2 == 250, "stays centred on the box"
+    edge = crop_box((700, 500, 800, 600), width=800, height=600, margin=0.5)
+    assert edge[2] == 800 and edge[3] == 600, "clipped to the frame"
+    assert crop(np.zeros((600, 800, 3), np.uint8), region).shape == (240, 240, 3)
+    degenerate = crop_box((10, 10, 10, 10), width=20, height=20, margin=0.1)
+    assert degenerate[2] > degenerate[0] and degenerate[3] > degenerate[1]
