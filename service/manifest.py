@@ -31,12 +31,12 @@ class InputSpec(BaseModel):
         description="stretch: resize to width x height ignoring aspect; letterbox: keep aspect, pad"
     )
     interpolation: Literal["bilinear", "bicubic", "box"] = "bilinear"
-    pad_value: int = Field(0, ge=0, le=255, description="letterbox padding, in uint8 pixel units")
-    scale: float = Field(1 / 255, description="multiplied into uint8 pixels before mean/std")
+    pad_value: int = Field(default=0, ge=0, le=255, description="letterbox padding, in uint8 pixel units")
+    scale: float = Field(default=1 / 255, description="multiplied into uint8 pixels before mean/std")
     mean: tuple[float, ...]
     std: tuple[float, ...]
     value_range: tuple[float, float] = Field(
-        (0.0, 1.0), description="range of each channel after `scale`, before mean/std"
+        default=(0.0, 1.0), description="range of each channel after `scale`, before mean/std"
     )
 
     @model_validator(mode="after")

@@ -1,0 +1,151 @@
+"""Input specs and transforms for the four models: the one place that owns them.
+
+Evaluation transforms are the service's own preprocessing (`service.preprocess.prepare`) on the
+spec written into each manifest, so what a model was measured with is what it is served with.
+Training transforms are that same deterministic path with augmentation in front of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.manifest import InputSpec
+from service.preprocess import crop, crop_box, fit, normalize, prepare
+from training.data.annotations import draw_random_marks
+from training.data.degrade import BLUR_KINDS, apply_degradation, sample_degradation
+from training.data.records import EXAM_STAGES, LabelledImage
+
+_RGB = ("R", "G", "B")
+# Generic statistics: the models train from scratch, so any fixed standardisation works; these put
+# 8-bit values in about [-2, 2]. They travel in the manifest, which is what matters.
+_MEAN, _STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+INPUT_SPECS: dict[str, InputSpec] = {
+    "detector": InputSpec(name="image", width=192, height=192, channels=_RGB, resize="letterbox",
+                          mean=_MEAN, std=_STD),
+    "quality": InputSpec(name="crop", width=256, height=256, channels=_RGB, resize="letterbox",
+                         mean=_MEAN, std=_STD),
+    "segmenter": InputSpec(name="crop", width=224, height=224, channels=_RGB, resize="letterbox",
+                           mean=_MEAN, std=_STD),
+    # Same size and letterbox as the segmenter: its probability map is the 4th channel as is.
+    "severity": InputSpec(name="crop", width=224, height=224, channels=(*_RGB, "lesion_probability"),
+                          resize="letterbox", mean=(*_MEAN, 0.5), std=(*_STD, 0.25)),
+}  # fmt: skip
+# Crop-level models see the detector box grown by this fraction per side (service.preprocess.crop_box).
+CROP_MARGIN = 0.1
+
+
+@dataclass(frozen=True)
+class DetectorSample:
+    tensor: np.ndarray  # 3xHxW float32
+    present: float  # 1.0 cervix, 0.0 none
+    box_target: np.ndarray  # cx, cy, w, h in 0..1 of the model input; zeros when unknown
+    box_known: float
+
+
+def _box_in_input(labelled: LabelledImage, spec: InputSpec, placement) -> tuple[np.ndarray, float]:
+    box = labelled.labels.cervix_box
+    if box is None:
+        return np.zeros(4, np.float32), 0.0
+    x0, y0, x1, y1 = placement.to_input(box)
+    cxcywh = [(x0 + x1) / 2 / spec.width, (y0 + y1) / 2 / spec.height, (x1 - x0) / spec.width,
+              (y1 - y0) / spec.height]  # fmt: skip
+    return np.asarray(cxcywh, np.float32), 1.0
+
+
+def detector_eval(labelled: LabelledImage, spec: InputSpec = INPUT_SPECS["detector"]) -> DetectorSample:
+    tensor, placement = prepare(labelled.image, spec)
+    box, known = _box_in_input(labelled, spec, placement)
+    return DetectorSample(tensor[0], float(bool(labelled.labels.cervix_present)), box, known)
+
+
+def detector_train(
+    labelled: LabelledImage, rng: np.random.Generator, spec: InputSpec = INPUT_SPECS["detector"]
+) -> DetectorSample:
+    """Random marks, mild capture degradations, horizontal flip, then the eval path."""
+    image = draw_random_marks(labelled.image, rng)
+    if rng.random() < 0.3:
+        image, _ = apply_degradation(image, sample_degradation(rng), rng)
+    labels = labelled.labels
+    if rng.random() < 0.5:
+        image = image[:, ::-1]
+        if labels.cervix_box is not None:
+            x0, y0, x1, y1 = labels.cervix_box
+            width = image.shape[1]
+            labelled = labelled.with_image(image, cervix_box=(width - x1, y0, width - x0, y1))
+    return detector_eval(labelled.with_image(np.ascontiguousarray(image)), spec)
+
+
+def cervix_region(
+    labelled: LabelledImage, rng: np.random.Generator | None = None
+) -> tuple[int, int, int, int]:
+    """The crop a crop-level model sees: around the labelled box, or, for real photos without a box
+    (the atlas frames the cervix), around the whole frame. Training jitters the box the way the
+    detector's boxes scatter; evaluation (rng=None) uses it as is."""
+    height, width = labelled.image.shape[:2]
+    box = labelled.labels.cervix_box or (0.0, 0.0, float(width), float(height))
+    if rng is not None:
+        x0, y0, x1, y1 = box
+        bw, bh = x1 - x0, y1 - y0
+        jitter = rng.uniform(-0.08, 0.08, 4) * np.array([bw, bh, bw, bh])
+        box = (x0 + jitter[0], y0 + jitter[1], x1 + jitter[2], y1 + jitter[3])
+    return crop_box(box, width, height, CROP_MARGIN)
+
+
+@dataclass(frozen=True)
+class QualitySample:
+    tensor: np.ndarray
+    sharp: float  # 1 sharp, 0 not sharp, nan ambiguous (ignored by the loss)
+    blur_kind: int  # index into BLUR_KINDS, -1 unknown
+    stage: int  # index into EXAM_STAGES, -1 unknown
+
+
+def quality_sample(
+    labelled: LabelledImage,
+    rng: np.random.Generator,
+    *,
+    train: bool,
+    spec: InputSpec = INPUT_SPECS["quality"],
+) -> QualitySample:
+    """Degrade at source resolution, then crop and prepare. Evaluation degrades too (with a fixed
+    rng per sample), because the question asked of the model is about the degradation."""
+    image = draw_random_marks(labelled.image, rng) if train else labelled.image
+    degraded, label = apply_degradation(image, sample_degradation(rng), rng)
+    region = cervix_region(labelled, rng if train else None)
+    tensor, _ = prepare(crop(degraded, region), spec)
+    stage = labelled.labels.exam_stage
+    sharp = float("nan") if label.sharp is None else float(label.sharp)
+    kind = BLUR_KINDS.index(label.blur_kind) if label.sharp is not None else -1
+    return QualitySample(tensor[0], sharp, kind, EXAM_STAGES.index(stage) if stage else -1)
+
+
+@dataclass(frozen=True)
+class SegmentationSample:
+    tensor: np.ndarray
+    mask: np.ndarray  # HxW float32 {0,1} at model input size
+
+
+def segmentation_sample(
+    labelled: LabelledImage, rng: np.random.Generator | None, spec: InputSpec = INPUT_SPECS["segmenter"]
+) -> SegmentationSample:
+    """Crop, then letterbox image and mask together (as one 4-band image) so they stay aligned."""
+    if labelled.labels.lesion_mask is None:
+        raise ValueError("segmentation needs a lesion mask")
+    image = labelled.image
+    mask = labelled.labels.lesion_mask
+    if rng is not None:
+        image = draw_random_marks(image, rng)
+        if rng.random() < 0.5:
+            image, mask = image[:, ::-1], mask[:, ::-1]
+    region = cervix_region(labelled, rng)
+    both = np.dstack([crop(image, region), crop(mask, region) * np.uint8(255)])
+    fitted, _ = fit(both, _with_channels(spec, 4))
+    return SegmentationSample(normalize(fitted[..., :3], spec)[0], (fitted[..., 3] >= 128).astype(np.float32))
+
+
+def _with_channels(spec: InputSpec, n: int) -> InputSpec:
+    """The same geometry for n bands (used to carry a mask through the very same resize)."""
+    return spec.model_copy(update={"channels": tuple(f"c{i}" for i in range(n)), "mean": (0.0,) * n,
+                                   "std": (1.0,) * n})  # fmt: skip

@@ -1,0 +1,142 @@
+"""Argument groups and run plumbing shared by the four task scripts."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.data import catalog
+from training.data.adapters import DEFAULT_ATLAS
+from training.data.records import ImageRecord, LabelledImage
+from training.data.splits import Split, holdout
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float) -> None:
+    parser.add_argument("--atlas", type=Path, default=DEFAULT_ATLAS, help="IARC atlas folder")
+    parser.add_argument("--output-dir", type=Path, required=True, help="checkpoints, predictions, reports")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic-subjects", type=int, default=None, help="default: training.data.catalog")
+    parser.add_argument("--folds", type=int, nargs="*", default=None,
+                        help="real-data CV folds to run (default: all); pass none to skip CV")  # fmt: skip
+    parser.add_argument(
+        "--max-real", type=int, default=0, help="use at most this many real images (smoke runs)"
+    )
+
+
+def command_line() -> str:
+    """The exact command that ran, for the manifest and checkpoint."""
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "-m", "training", *sys.argv[1:]])
+
+
+def configure_torch(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+@dataclass(frozen=True)
+class RealData:
+    records: list[ImageRecord]
+    images: list[LabelledImage]
+    folds: list[Split]
+
+
+def real_data(task: str, args: argparse.Namespace) -> RealData:
+    """The task's real images with the fixed real folds (see training.data.catalog)."""
+    from training.sources import load_all
+
+    records = catalog.task_data(task, args.atlas).real
+    if args.max_real:
+        keep = np.random.default_rng(args.seed).permutation(len(records))[: args.max_real]
+        records = [records[i] for i in sorted(keep)]
+    folds = catalog.real_folds(records, catalog.real_fold_of_subject(args.atlas))
+    return RealData(records, load_all(records, desc=f"{task}: real"), folds)
+
+
+def synthetic_split(task: str, args: argparse.Namespace) -> tuple[int, Split]:
+    """How many synthetic subjects the task uses and their subject-level train/val/test split."""
+    count = args.synthetic_subjects or catalog.SYNTHETIC_SUBJECTS[task]
+    subjects = [f"synthetic-{seed}" for seed in range(count)]
+    return count, holdout(subjects, seed=catalog.SPLIT_SEED, dataset="synthetic")
+
+
+def folds_to_run(args: argparse.Namespace, n_folds: int) -> list[int]:
+    return list(range(n_folds)) if args.folds is None else list(args.folds)
+
+
+def pick(images: list[LabelledImage], indices: tuple[int, ...] | list[int]) -> list[LabelledImage]:
+    return [images[i] for i in indices]
+
+
+def save_predictions(run_dir: Path, **groups: list[dict[str, np.ndarray]] | dict[str, np.ndarray]) -> Path:
+    """Every prediction a report is made from, as `<group>.<field>` arrays in predictions.npz."""
+    arrays: dict[str, np.ndarray] = {}
+    for group, value in groups.items():
+        parts = value if isinstance(value, list) else [value]
+        if not parts:
+            continue
+        for name in parts[0]:
+            arrays[f"{group}.{name}"] = np.concatenate([p[name] for p in parts])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "predictions.npz"
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]  # numpy stubs mistype **kwds
+    return path
+
+
+def load_predictions(run_dir: Path) -> dict[str, dict[str, np.ndarray]]:
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(run_dir / "predictions.npz") as data:
+        for key in data.files:
+            group, name = key.split(".", 1)
+            groups.setdefault(group, {})[name] = data[key]
+    return groups
+
+
+def get_step_parser(step: str) -> argparse.ArgumentParser:
+    """Arguments of the `evaluate` and `export` steps, which work from a finished training run."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run-dir", type=Path, required=True, help="the --output-dir of the training run")
+    if step == "export":
+        parser.add_argument("--models-dir", type=Path, default=Path("models"))
+        parser.add_argument("--version", default="1.0.0", help="semantic version written to the manifest")
+    parser.add_argument("--atlas", type=Path, default=DEFAULT_ATLAS)
+    return parser
+
+
+def parity_images(atlas: Path, count: int = 2) -> list[LabelledImage]:
+    """Fixed inputs for export parity: real atlas photos when present, plus a synthetic scene and a
+    real non-cervix photo, so parity covers real pixel statistics and not only random noise."""
+    from training.data.adapters import iarc_atlas, skimage_negatives
+    from training.data.synthetic import generate_scene
+
+    images = [generate_scene(7), skimage_negatives()[0].load()]
+    if atlas.is_dir():
+        images += [r.load() for r in iarc_atlas(atlas)[:count]]
+    return images
+
+
+def training_data_summary(task: str, checkpoint: dict[str, object]) -> dict[str, object]:
+    """What the final model was trained on, for its manifest."""
+    args = argparse.Namespace(**checkpoint["args"])  # type: ignore[arg-type]
+    data = catalog.task_data(task, args.atlas)
+    _, split = synthetic_split(task, args)
+    return {
+        "real": catalog.describe(data)["real_images"],
+        "real_subjects": len({r.subject for r in data.real}),
+        "synthetic_subjects_train": len(split.train),
+        "synthetic_split": split.name,
+        "uses": data.uses,
+        "final_model": "trained on all real subjects (CV fold models measured the real figures) and the "
+        "synthetic train subjects",
+    }
