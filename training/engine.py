@@ -13,9 +13,9 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from training.data.records import LabelledImage
-
+S = TypeVar("S")
 T = TypeVar("T")
 
 
@@ -30,16 +30,14 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng((seed, epoch, index))
 
 
-class SampleDataset(Dataset, Generic[T]):
-    """LabelledImages turned into task samples by `transform(image, rng)`; `set_epoch` reseeds."""
+class SampleDataset(Dataset, Generic[S, T]):
+    """Items (LabelledImages, pooled crops) turned into samples by `transform(item, rng)`;
+    `set_epoch` reseeds the augmentation."""
 
     def __init__(
-        self,
-        images: Sequence[LabelledImage],
-        transform: Callable[[LabelledImage, np.random.Generator], T],
-        seed: int,
+        self, items: Sequence[S], transform: Callable[[S, np.random.Generator], T], seed: int
     ) -> None:
-        self.images = images
+        self.items = items
         self.transform = transform
         self.seed = seed
         self.epoch = 0
@@ -48,10 +46,10 @@ class SampleDataset(Dataset, Generic[T]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.items)
 
     def __getitem__(self, index: int) -> T:
-        return self.transform(self.images[index], sample_rng(self.seed, self.epoch, index))
+        return self.transform(self.items[index], sample_rng(self.seed, self.epoch, index))
 
 
 def collate_dataclasses(batch: list[Any]) -> dict[str, torch.Tensor]:
@@ -99,3 +97,48 @@ def write_json(path: Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     return path
+
+
+LossFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    batches: DataLoader,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    desc: str,
+) -> float:
+    """One pass over `batches`; returns the mean loss. Reseeds the dataset's augmentation per epoch."""
+    model.train()
+    dataset = batches.dataset
+    if isinstance(dataset, SampleDataset):
+        dataset.set_epoch(epoch)
+    total, count = 0.0, 0
+    for batch in tqdm(batches, desc=f"{desc} epoch {epoch}", leave=False):
+        loss = loss_fn(model(batch["tensor"]), batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.item() * len(batch["tensor"])
+        count += len(batch["tensor"])
+    return total / max(count, 1)
+
+
+def fit(
+    model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn, args: argparse.Namespace, desc: str
+) -> torch.nn.Module:
+    """AdamW with a one-cycle schedule for `args.epochs`: the recipe every task shares."""
+    seed_everything(args.seed)
+    batches = loader(dataset, args.batch_size, shuffle=True, seed=args.seed, workers=args.workers)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, total_steps=max(1, args.epochs * len(batches))
+    )
+    for epoch in range(args.epochs):
+        loss = train_one_epoch(model, batches, loss_fn, optimizer, scheduler, epoch, desc)
+        print(f"{desc}: epoch {epoch} loss {loss:.4f}", flush=True)
+    return model

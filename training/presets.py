@@ -95,30 +95,61 @@ def cervix_region(
 
 
 @dataclass(frozen=True)
-class QualitySample:
-    tensor: np.ndarray
+class QualityCrop:
+    """A degraded, cropped, letterboxed source: the costly part of a quality sample, made once."""
+
+    fitted: np.ndarray  # HxWx3 uint8 at model input size
     sharp: float  # 1 sharp, 0 not sharp, nan ambiguous (ignored by the loss)
     blur_kind: int  # index into BLUR_KINDS, -1 unknown
     stage: int  # index into EXAM_STAGES, -1 unknown
+    blur_extent: float
 
 
-def quality_sample(
+@dataclass(frozen=True)
+class QualitySample:
+    tensor: np.ndarray
+    sharp: float
+    blur_kind: int
+    stage: int
+
+
+def quality_crop(
     labelled: LabelledImage,
     rng: np.random.Generator,
     *,
     train: bool,
     spec: InputSpec = INPUT_SPECS["quality"],
-) -> QualitySample:
-    """Degrade at source resolution, then crop and prepare. Evaluation degrades too (with a fixed
-    rng per sample), because the question asked of the model is about the degradation."""
+) -> QualityCrop:
+    """Degrade at source resolution, then crop around the cervix and letterbox.
+
+    Evaluation degrades too, with a fixed rng per sample: the model is asked about the degradation.
+    """
     image = draw_random_marks(labelled.image, rng) if train else labelled.image
-    degraded, label = apply_degradation(image, sample_degradation(rng), rng)
-    region = cervix_region(labelled, rng if train else None)
-    tensor, _ = prepare(crop(degraded, region), spec)
+    source_blur = labelled.labels.blur_extent or 0.0
+    degraded, label = apply_degradation(image, sample_degradation(rng), rng, source_blur_extent=source_blur)
+    fitted, _ = fit(crop(degraded, cervix_region(labelled, rng if train else None)), spec)
     stage = labelled.labels.exam_stage
-    sharp = float("nan") if label.sharp is None else float(label.sharp)
-    kind = BLUR_KINDS.index(label.blur_kind) if label.sharp is not None else -1
-    return QualitySample(tensor[0], sharp, kind, EXAM_STAGES.index(stage) if stage else -1)
+    return QualityCrop(
+        fitted=fitted,
+        sharp=float("nan") if label.sharp is None else float(label.sharp),
+        blur_kind=BLUR_KINDS.index(label.blur_kind) if label.sharp is not None else -1,
+        stage=EXAM_STAGES.index(stage) if stage else -1,
+        blur_extent=label.blur_extent,
+    )
+
+
+def quality_sample(
+    crop_: QualityCrop, rng: np.random.Generator | None, spec: InputSpec = INPUT_SPECS["quality"]
+) -> QualitySample:
+    """Normalise a pooled crop; training flips it (blur and exposure labels do not care)."""
+    fitted = crop_.fitted
+    if rng is not None:
+        if rng.random() < 0.5:
+            fitted = fitted[:, ::-1]
+        if rng.random() < 0.5:
+            fitted = fitted[::-1]
+    tensor = normalize(np.ascontiguousarray(fitted), spec)[0]
+    return QualitySample(tensor, crop_.sharp, crop_.blur_kind, crop_.stage)
 
 
 @dataclass(frozen=True)

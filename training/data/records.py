@@ -39,6 +39,9 @@ class Labels:
     severity: Severity | None = None
     exam_stage: str | None = None  # one of EXAM_STAGES
     transformation_zone: int | None = None  # TZ type 1, 2 or 3 where a dataset says it
+    # Blur already in the picture, as PSF radius / short side (training.data.degrade's unit); None for
+    # real photos, which count as the reference for "sharp".
+    blur_extent: float | None = None
 
     def __post_init__(self) -> None:
         if self.exam_stage is not None and self.exam_stage not in EXAM_STAGES:

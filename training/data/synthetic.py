@@ -139,6 +139,7 @@ class _Shot:
     contrast: float
     saturation: float
     wetness: float
+    glint_cut: float  # how few highlight clusters: the cut on the cluster field
     mucus: float
     mucus_u: float
     blood: float
@@ -147,6 +148,7 @@ class _Shot:
     aperture: float  # radius of the colposcope's round field of view (0: the sensor is filled)
     noise: float
     noise_offset: tuple[int, int]
+    sharpen: float  # video-chain edge enhancement (0: none): dark-edged highlights, crisper texture
     jpeg: int  # quality, 0 for no JPEG round trip
     green_base: str  # which stage the green filter looks at
     blade_jitter: float
@@ -211,6 +213,13 @@ def _fbm(seed: int, base: int, octaves: int, gain: float = 0.5) -> np.ndarray:
     return acc
 
 
+def _fbm_wide(seed: int, rows: int, cols: int) -> np.ndarray:
+    """One octave of noise on a rows x cols grid (rows > cols: features stretched horizontally), unit std."""
+    n = np.random.default_rng((seed & _SEED_MASK, rows, cols)).standard_normal((rows, cols), dtype=_F32)
+    n.flags.writeable = False
+    return n
+
+
 @lru_cache(maxsize=160)
 def _fbm_cached(seed: int, base: int, octaves: int, gain: float = 0.5) -> np.ndarray:
     """Anatomy fields: the stages (and shots) of one subject share them."""
@@ -241,8 +250,8 @@ class _Frame:
     def hpass(self, key: object, small: np.ndarray) -> np.ndarray:
         t = self._hpass.get(key)
         if t is None:
-            g = small.shape[0]
-            k = g / _SPAN
+            g, gx = small.shape  # rows may outnumber columns: a field stretched horizontally
+            k = gx / _SPAN
             box = ((self.u0 + _PAD) * k, 0.0, (self.u0 + self.span + _PAD) * k, float(g))
             im = Image.fromarray(np.ascontiguousarray(small), mode="F")
             t = np.asarray(im.resize((self.w, g), Image.Resampling.BICUBIC, box=box))
@@ -366,7 +375,7 @@ def sample_subject(seed: int) -> SceneParams:
     rng = np.random.default_rng((int(seed) & _SEED_MASK, 0x5CE7E))
     severity = _pick(rng, _SEVERITIES, _SEVERITY_WEIGHTS)
     # Colposcopes frame the cervix close: it fills half to all of the picture, sometimes cut by the edge.
-    rx = rng.uniform(0.33, 0.8)
+    rx = rng.uniform(0.42, 0.8) if rng.random() < 0.7 else rng.uniform(0.8, 1.25)  # or zoomed right in
     ry = rx * rng.uniform(0.75, 1.05)
     cx = 0.5 + rng.uniform(-0.15, 0.15)
     cy = 0.5 + rng.uniform(-0.13, 0.13)
@@ -426,7 +435,7 @@ def sample_subject(seed: int) -> SceneParams:
         tz_scale=float(rng.uniform(1.25, 1.9)),
         cysts=tuple(cysts),
         lesions=lesions,
-        lesion_opacity=float(rng.uniform(0.75, 0.95) if high else rng.uniform(0.3, 0.55)),
+        lesion_opacity=float(rng.uniform(0.6, 0.9) if high else rng.uniform(0.3, 0.55)),
         lesion_edge=float(rng.uniform(0.01, 0.03) if high else rng.uniform(0.06, 0.14)),
         lesion_wobble=float(rng.uniform(0.15, 0.3) if high else rng.uniform(0.3, 0.5)),
         mosaic=float(rng.uniform(0.3, 1.0)) if high and rng.random() < 0.45 else 0.0,
@@ -434,9 +443,9 @@ def sample_subject(seed: int) -> SceneParams:
         vessel_density=float(rng.uniform(0.1, 1.0)),
         speculum=speculum,
         speculum_vertical=bool(rng.random() < 0.8),
-        blade_a=float(rng.uniform(-0.15, 0.2)),
-        blade_b=float(rng.uniform(-0.15, 0.2)),
-        blade_curve=float(rng.uniform(0.2, 1.2)),
+        blade_a=float(rng.uniform(-0.12, 0.28)),
+        blade_b=float(rng.uniform(-0.12, 0.28)),
+        blade_curve=float(rng.uniform(0.05, 0.7)),
         side_walls=float(rng.uniform(0.03, 0.22)) if rng.random() < 0.55 else 0.0,
         fold_freq=float(rng.uniform(18.0, 40.0)),
         squamous=_jitter_colour(rng, squamous, 0.04),
@@ -449,8 +458,8 @@ def sample_subject(seed: int) -> SceneParams:
 
 def _sample_shot(rng: np.random.Generator, params: SceneParams, stage: str) -> _Shot:
     span = float(rng.uniform(0.94, 1.06)) * (0.45 if params.view_kind == "closeup" else 1.0)
-    cast = rng.normal(0, 0.05, 3)
-    if rng.random() < 0.25:  # a strong white-balance error: bluish, magenta or warm
+    cast = rng.normal(0, 0.035, 3)
+    if rng.random() < 0.15:  # a strong white-balance error: bluish, magenta or warm
         cast += np.asarray(_pick(rng, ((-0.12, 0.0, 0.12), (0.06, -0.1, 0.08), (0.1, 0.0, -0.12)), (1, 1, 1)))
     if stage == "green":  # behind a green filter the filter, not the white balance, sets the colour
         cast *= 0.3
@@ -467,16 +476,18 @@ def _sample_shot(rng: np.random.Generator, params: SceneParams, stage: str) -> _
         gains=(float(gains[0]), float(gains[1]), float(gains[2])),
         gamma=float(rng.uniform(0.8, 1.05)),
         contrast=float(rng.uniform(1.0, 1.3)),
-        saturation=float(rng.uniform(0.95, 1.35)),
-        wetness=float(rng.uniform(0.5, 1.1) * (1.2 if stage == "iodine" else 1.0)),
+        saturation=float(rng.uniform(0.9, 1.2)),
+        wetness=float(rng.uniform(0.6, 1.2) * (1.2 if stage == "iodine" else 1.0)),
+        glint_cut=float(rng.uniform(-1.4, 0.6)),
         mucus=float(rng.uniform(0.3, 1.0)) if rng.random() < 0.35 else 0.0,
         mucus_u=float(rng.normal(0, 0.1)),
         blood=float(rng.uniform(0.2, 1.0)) if rng.random() < (0.6 if params.severity else 0.3) else 0.0,
         bloom=float(rng.uniform(0.3, 1.0)) if rng.random() < 0.2 else 0.0,
-        blur=float(rng.uniform(0.5, 2.0)) if rng.random() < 0.3 else 0.0,
-        aperture=float(rng.uniform(0.55, 0.75)) if rng.random() < 0.35 else 0.0,
+        blur=float(rng.uniform(0.6, 2.2)) if rng.random() < 0.55 else 0.0,
+        aperture=float(rng.uniform(0.55, 0.75)) if rng.random() < 0.5 else 0.0,
         noise=float(rng.uniform(0.005, 0.025)),
         noise_offset=(int(rng.integers(1024)), int(rng.integers(1024))),
+        sharpen=float(rng.uniform(0.4, 1.2)) if rng.random() < 0.7 else 0.0,
         jpeg=int(rng.integers(55, 95)) if rng.random() < 0.5 else 0,
         green_base="acetic" if rng.random() < 0.6 else "saline",
         blade_jitter=float(rng.normal(0, 0.02)),
@@ -491,6 +502,7 @@ class _ShotFields:
     clusters: np.ndarray
     sparkle: np.ndarray
     patches: np.ndarray
+    wide: np.ndarray
     bloom: np.ndarray | None
     blood: np.ndarray | None
     mucus: np.ndarray | None
@@ -501,7 +513,8 @@ class _ShotFields:
         return _ShotFields(
             clusters=_fbm(s + 1, 6, 2),
             sparkle=_fbm(s + 2, 256, 1),
-            patches=_fbm(s + 6, 40, 2),
+            patches=_fbm(s + 6, 48, 1),
+            wide=_fbm_wide(s + 7, 72, 22),
             bloom=_fbm(s + 3, 5, 1) if shot.bloom > 0 else None,
             blood=_fbm(s + 4, 48, 2) if shot.blood > 0 else None,
             mucus=_fbm(s + 5, 16, 3) if shot.mucus > 0 else None,
@@ -539,17 +552,18 @@ def _mix(c: RGB, d: RGB, t: float) -> RGB:
 def _palette(p: SceneParams, stage: str) -> _Palette:
     if stage == "iodine":
         # Glycogen-rich squamous epithelium stains mahogany; columnar epithelium, immature TZ and lesions
-        # don't (mustard-yellow / orange).
+        # don't (bright mustard-yellow / orange): a high-contrast picture, glossy near-black brown round
+        # saturated orange.
         d = p.iodine_depth
         return _Palette(
-            squamous=(0.76 - 0.16 * d, 0.42 - 0.1 * d, 0.25 - 0.06 * d),
-            squamous_dark=(0.42, 0.18, 0.09),
-            tz=(0.78, 0.42, 0.18),
-            columnar=(0.88, 0.44, 0.22),
-            papilla=(0.95, 0.64, 0.34),
+            squamous=(0.72 - 0.22 * d, 0.38 - 0.14 * d, 0.2 - 0.08 * d),
+            squamous_dark=(0.3, 0.1, 0.05),
+            tz=(0.92, 0.52, 0.2),
+            columnar=(0.98, 0.56, 0.22),
+            papilla=(1.0, 0.7, 0.36),
             os=(0.16, 0.03, 0.02),
-            wall=(0.5 - 0.12 * d, 0.23 - 0.06 * d, 0.12),
-            lesion=(1.0, 0.7, 0.3),
+            wall=(0.52 - 0.14 * d, 0.27 - 0.08 * d, 0.15),
+            lesion=(1.0, 0.72, 0.32),
             lesion_alpha=0.95,
             cyst=(0.9, 0.6, 0.28),
             blood=(0.42, 0.04, 0.03),
@@ -558,19 +572,19 @@ def _palette(p: SceneParams, stage: str) -> _Palette:
         )
     acetic = stage == "acetic"
     # Acetic acid pales and slightly blues the whole surface; saline leaves it redder, vessels plainer.
-    sq = _mix(p.squamous, (0.93, 0.88, 0.88), 0.2) if acetic else _mul(p.squamous, (1.0, 0.96, 0.95))
+    sq = _mix(p.squamous, (0.93, 0.88, 0.86), 0.2) if acetic else _mul(p.squamous, (1.05, 1.16, 1.08))
     return _Palette(
         squamous=sq,
         squamous_dark=_mul(sq, (0.92, 0.6, 0.6)),
         tz=_mul(sq, (0.98, 0.8, 0.78)),
-        columnar=_mul(p.columnar, (1.05, 1.9, 1.7)) if acetic else _mul(p.columnar, (1.0, 1.2, 1.15)),
+        columnar=_mul(p.columnar, (1.05, 1.9, 1.7)) if acetic else _mul(p.columnar, (1.0, 1.4, 1.3)),
         papilla=(0.97, 0.78, 0.8) if acetic else _mul(p.columnar, (1.08, 1.9, 1.7)),
         os=(0.42, 0.05, 0.09),
-        wall=_mul(p.wall, (1.0, 1.04, 1.08)) if acetic else _mul(p.wall, (1.0, 0.95, 0.95)),
-        lesion=(0.96, 0.94, 0.94) if acetic else sq,
+        wall=_mul(p.wall, (1.0, 1.04, 1.02)) if acetic else _mul(p.wall, (1.0, 1.02, 1.0)),
+        lesion=(0.93, 0.89, 0.9) if acetic else sq,  # oyster white, not paint
         lesion_alpha=1.0 if acetic else 0.0,
         cyst=(0.97, 0.86, 0.62),
-        blood=(0.72, 0.04, 0.08),
+        blood=(0.55, 0.05, 0.07),
         mucus=(0.96, 0.94, 0.92),
         vessel=0.25 if acetic else 0.45,
     )
@@ -579,24 +593,37 @@ def _palette(p: SceneParams, stage: str) -> _Palette:
 # --------------------------------------------------------------------------- drawing (one band at a time)
 
 
-def _background(p: SceneParams, g: _Grid, pal: _Palette) -> np.ndarray:
-    """Vaginal walls: soft transverse folds (rugae) round a dark fornix, brighter towards the camera."""
+def _background(p: SceneParams, g: _Grid, pal: _Palette) -> tuple[np.ndarray, np.ndarray]:
+    """Vaginal walls round a dark fornix, brighter towards the camera; return (picture, fold crests).
+
+    The rugae are transverse folds: seen down the canal they stack as broad horizontal arcs, each a lit
+    crest over a dark crease, fading in and out along the wall.
+    """
     du = g.u - p.cx
     dv = g.v - p.cy
-    r = np.sqrt(du * du + dv * dv)
     lo = g.noise(p.tissue_seed + 1, 5, 4, 0.55)
     warp = g.noise(p.tissue_seed + 11, 3, 2)
-    # Rugae: transverse ridges round the canal, bent by a smooth warp and fading in and out.
-    fold = np.sin(r * p.fold_freq + warp * 2.5) * np.sin(r * (p.fold_freq * 0.41) + warp * 1.7 + lo)
-    fold = np.abs(fold)
-    fold *= _ramp(-1.0, 0.8, lo)
-    depth = _smooth(0.05, 0.7, r + 0.08 * lo)
-    shade = (0.15 + 0.95 * depth) * (0.88 + 0.14 * fold) * (1.0 + 0.18 * lo)
+    rad = max(p.rx, p.ry)
+    depth = _smooth(0.85 * rad, 1.7 * rad + 0.15, np.sqrt(du * du + dv * dv) + 0.06 * lo)
+    t = np.sqrt(du * du * 0.16 + dv * dv)
+    t *= p.fold_freq
+    t += 2.2 * warp
+    mid = g.noise(p.tissue_seed + 4, 12, 3)
+    t += 0.8 * mid  # folds bend and pinch, not rings
+    s = np.sin(t)
+    amp = _ramp(-1.2, 0.6, lo + 0.4 * mid)
+    crest = _ramp(0.2, 1.0, s)
+    crest *= amp
+    crease = _ramp(-0.55, -1.0, s)
+    crease *= amp
+    shade = 0.4 + 0.75 * depth
+    shade *= 1.0 + 0.1 * lo + 0.06 * mid + 0.2 * crest - 0.35 * crease + 0.06 * np.cos(t) * amp
     img = np.empty((3, g.h, g.w), _F32)
     for k, c in enumerate(pal.wall):
         img[k] = shade * c
-    img[0] *= 1.0 + 0.06 * lo
-    return img
+    img[0] *= 1.0 + 0.05 * lo
+    crest *= depth
+    return img, crest
 
 
 def _local(p: SceneParams, g: _Grid) -> tuple[np.ndarray, np.ndarray]:
@@ -648,14 +675,16 @@ def _outline(p: SceneParams, g: _Grid) -> _Outline:
     rho = np.sqrt(a * a + b * b)
     rho *= 1.0 + p.wobble * lo + 0.025 * bumps
     aa = 1.5 / (g.px * min(p.rx, p.ry))  # about 1.5 px of anti-aliasing
-    return _Outline(a, b, lo, bumps, rho, _ramp(1.0 + aa, 1.0 - aa, rho), aa)
+    # The rim rolls away into the fornix: a soft edge, symmetric about rho = 1 where the label is cut.
+    soft = max(aa, 0.05)
+    return _Outline(a, b, lo, bumps, rho, _smooth(1.0 + soft, 1.0 - soft, rho), aa)
 
 
 def _fornix_shadow(img: np.ndarray, rho: np.ndarray, lo: np.ndarray) -> None:
     """The walls just outside the cervix rim sit in its shadow, deeper in some places than others."""
     rim = np.maximum(rho - 1.0, 0.0)
-    rim *= 5.0 + 3.0 * lo
-    _scale(img, 1.0 - 0.8 * np.exp(-rim))
+    rim *= 4.0 + 2.0 * lo
+    _scale(img, 1.0 - 0.6 * np.exp(-rim))
 
 
 def _cervix(
@@ -684,13 +713,14 @@ def _cervix(
         * _smooth(1.0 + 2.5 * p.lips, 0.6, np.abs(ao) / (p.os_len + 0.05))
         * p.lips
     )
-    shade = (0.3 + 0.7 * np.sqrt(z)) * (1.0 - 0.55 * groove) * (1.0 + 0.07 * mid)
-    grain = g.noise(seed + 5, 192, 1)
+    # Dome shading: lit face, the periphery turning away into shadow (not a dark rim).
+    shade = (0.4 + 0.6 * np.sqrt(z)) * (1.0 - 0.55 * groove) * (1.0 + 0.1 * mid)
+    grain = g.noise(seed + 5, 128, 1)
     shade *= 1.0 + 0.025 * grain
 
     # Shallow creases of the epithelium: soft, slightly darker furrows.
-    crease = _ramp(0.75, 0.97, 1.0 - np.abs(ol.bumps))
-    shade *= 1.0 - 0.07 * crease
+    crease = _ramp(0.6, 0.97, 1.0 - np.abs(ol.bumps))
+    shade *= 1.0 - 0.06 * crease
     tissue = np.empty_like(img)
     mott = _smooth(0.0, 1.9, lo + 0.5 * mid)
     for k in range(3):
@@ -710,13 +740,13 @@ def _cervix(
     pap2 = pap * pap
     colour = np.empty_like(img)
     for k in range(3):
-        colour[k] = pal.columnar[k] * (0.86 + 0.18 * pap) + pap2 * (0.5 * (pal.papilla[k] - pal.columnar[k]))
+        colour[k] = pal.columnar[k] * (0.9 + 0.1 * pap) + pap2 * (0.2 * (pal.papilla[k] - pal.columnar[k]))
     _blend(tissue, col, colour)
 
     # Fine vessels (and, in the TZ, gland openings) on the squamous surface.
     vessels = _ramp(0.93, 0.995, 1.0 - np.abs(vn))
     # Broken into short segments: unbroken ridge lines would close into loops no vessel draws.
-    vessels *= _ramp(-0.5, 1.0, mid) * _ramp(0.0, 1.0, ol.bumps) * (p.vessel_density * pal.vessel)
+    vessels *= _ramp(-0.5, 1.0, mid) * _ramp(0.0, 1.0, ol.bumps) * (0.6 * p.vessel_density * pal.vessel)
     vessels *= 1.0 - col
     tissue[1] *= 1.0 - vessels
     tissue[2] *= 1.0 - 0.8 * vessels
@@ -736,26 +766,30 @@ def _cervix(
         _blend(sub, dome * 0.6, (pal.cyst[0] * bulge, pal.cyst[1] * bulge, pal.cyst[2] * bulge))
 
     if p.lesions:
-        lesion = _lesion(tissue, p, g, pal, stage, a, b, aa, lo, mid, grain, dots)
+        lesion, gloss = _lesion(tissue, p, g, pal, stage, a, b, aa, lo, mid, grain, dots, vn)
     else:
-        lesion = np.zeros((g.h, g.w), bool)
+        lesion, gloss = np.zeros((g.h, g.w), bool), None
 
     # External os: dark hole or slit, deeper in the middle.
     d_os = np.sqrt((ao * (1.0 / p.os_len)) ** 2 + (bend * (1.0 / p.os_width)) ** 2)
     d_os *= 1.0 + 0.25 * mid
-    os_a = _ramp(1.05, 0.8, d_os)
+    os_a = _smooth(1.35, 0.6, d_os)  # the canal walls roll in: a soft edge, no crisp hole
     depth = np.clip(d_os, 0.0, 1.0)
-    depth *= depth
-    depth = 0.4 + 0.6 * depth  # a deep dark core with red walls
-    _blend(tissue, os_a, (pal.os[0] * depth, pal.os[1] * depth, pal.os[2] * depth))
+    depth = 0.25 + 0.75 * depth  # a dark red core; the walls are the tissue rolling into shadow
+    for k in range(3):
+        ch = tissue[k]
+        ch += os_a * (depth * (0.5 * ch - pal.os[k]) + pal.os[k] - ch)
+    # Cervical mucus plugs the canal: a translucent pale film over part of it.
+    plug = os_a * _ramp(0.0, 1.4, mid + 0.5 * grain) * 0.45
+    _blend(tissue, plug, pal.mucus)
 
     # Per shot: blood spots and streaks round the os, mucus strands.
     near_os = np.exp((ao * ao + bo * bo) * -3.0)
     if sf.blood is not None:
         bn = g.field("blood", sf.blood)
-        thr = 3.2 - 2.2 * shot.blood * near_os
+        thr = 3.9 - 2.4 * shot.blood * near_os
         spots = bn - thr
-        spots *= 1.0 / 0.3
+        spots *= 1.0 / 0.6
         np.clip(spots, 0.0, 1.0, out=spots)
         _blend(tissue, spots, pal.blood)
     if sf.mucus is not None:
@@ -767,7 +801,11 @@ def _cervix(
     _scale(tissue, shade)
     _blend(img, alpha, tissue)
     lesion &= os_a < 0.5  # the os is a hole, not lesion
-    facing = z * alpha * (1.0 - os_a) * (1.0 - groove)
+    facing = z * (1.0 - os_a) * (1.0 - groove)
+    if gloss is not None:  # acetowhite epithelium is raised and glossy: it catches the light more
+        facing += gloss
+    facing += 0.8 * plug  # wet mucus in the os
+    facing *= alpha
     return lesion, facing
 
 
@@ -784,8 +822,10 @@ def _lesion(
     mid: np.ndarray,
     grain: np.ndarray,
     dots: np.ndarray,
-) -> np.ndarray:
-    """Draw the lesion in its stage's look onto tissue; return its mask (anatomy: the same in every stage)."""
+    vn: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Draw the lesion in its stage's look onto tissue; return its mask (anatomy: the same in every stage)
+    and, after acetic acid, how much it adds to the wet gloss."""
     lfield = np.full((g.h, g.w), 9.0, _F32)
     for blob in p.lesions:
         win = _blob_window(p, g, blob, 1.0 + 2.0 * p.lesion_wobble + 0.1)
@@ -811,43 +851,52 @@ def _lesion(
             lal *= _ramp(-1.4, 0.4, mid)
         tone = 0.72 + 0.28 * _ramp(-1.5, 1.5, grain)
         _blend(tissue, lal, (pal.lesion[0] * tone, pal.lesion[1] * tone, pal.lesion[2] * tone))
-        return mask
+        return mask, None
     if pal.lesion_alpha > 0:
         # Acetowhite: dense oyster white (high grade) or thin translucent white (low grade) over the tissue.
-        op = inside * p.lesion_opacity
+        # Not paint: thinner (translucent) towards the border, the vessel network showing through faintly,
+        # a little uneven, greyer where thin.
+        op = inside * inside
+        op *= p.lesion_opacity
         if not high:
             op *= 0.55 + 0.45 * _ramp(-1.2, 1.0, grain + 0.6 * mid)
-        tone = 0.9 + 0.06 * lo + 0.04 * grain
-        _blend(tissue, op, (pal.lesion[0] * tone, pal.lesion[1] * tone, pal.lesion[2] * tone))
+        op *= 1.0 - 0.25 * _ramp(0.9, 0.99, 1.0 - np.abs(vn)) - 0.12 * _ramp(0.0, 2.0, grain)
+        tone = 0.87 + 0.05 * lo + 0.05 * mid + 0.04 * grain + 0.06 * op
+        grey = 1.0 - 0.06 * op
+        _blend(tissue, op, (pal.lesion[0] * tone * grey, pal.lesion[1] * tone, pal.lesion[2] * tone))
         if p.mosaic > 0:
             tiles = _ramp(0.8, 0.95, 1.0 - np.abs(g.noise(p.tissue_seed + 8, 36, 1)))
             _blend(tissue, tiles * inside * (0.6 * p.mosaic), (0.72, 0.28, 0.32))
         if p.punctation > 0:
             _blend(tissue, _ramp(1.5, 2.2, dots) * inside * p.punctation, (0.6, 0.12, 0.16))
-    elif high and p.mosaic > 0:
+        return mask, op * 0.6
+    if high and p.mosaic > 0:
         # Without acid only the abnormal vessels of a high-grade lesion show, faintly.
         tiles = _ramp(0.82, 0.95, 1.0 - np.abs(g.noise(p.tissue_seed + 8, 36, 1)))
         _blend(tissue, tiles * inside * (0.3 * p.mosaic), (0.6, 0.1, 0.14))
-    return mask
+    return mask, None
 
 
 def _speculum(img: np.ndarray, p: SceneParams, g: _Grid, pal: _Palette, shot: _Shot) -> np.ndarray:
     """Draw lateral walls and blades / tube over the scene; return the occluder alpha (1 = hidden)."""
     occ = np.zeros((g.h, g.w), _F32)
     aa = 1.5 / g.px
+    soft = max(aa, 0.012)  # near the lens, so out of focus: soft edges (symmetric: the label cut stays)
     if p.side_walls > 0:
         # Lax lateral vaginal walls bulge in from the sides and hide the cervix edges.
         lo = g.noise(p.tissue_seed + 10, 4, 3)
         for side in (-1.0, 1.0):
             x = (g.u - 0.5) * side  # +0.5 at this side's frame edge
             d = x - (0.5 - p.side_walls + 0.05 * lo + 0.3 * (g.v - 0.5) ** 2)
-            if float(d.max()) < -aa:
+            if float(d.max()) < -soft:
                 continue
-            a = _ramp(-aa, aa, d)
+            a = _smooth(-soft, soft, d)
             roll = np.clip(d * (1.0 / 0.2), 0.0, 1.0)
-            ridges = np.sin(g.v * p.fold_freq + 2.5 * lo)
-            ridges *= np.sin(g.v * (p.fold_freq * 0.43) + 1.5 * lo + side)
-            shade = (0.3 + 0.7 * np.sin(np.clip(roll + 0.12, 0.0, 1.0) * 2.6)) * (0.9 + 0.1 * ridges)
+            # Rugae: stacked transverse folds, a lit crest over a dark crease, fading in and out.
+            ridges = np.sin(g.v * (p.fold_freq * 1.3) + 2.5 * lo + 0.8 * side)
+            ridges = 0.22 * _ramp(0.2, 1.0, ridges) - 0.35 * _ramp(-0.5, -1.0, ridges)
+            ridges *= _ramp(-1.0, 0.5, lo + 0.5 * side)
+            shade = (0.3 + 0.7 * np.sin(np.clip(roll + 0.12, 0.0, 1.0) * 2.6)) * (1.0 + ridges + 0.1 * lo)
             _blend(img, a, (pal.wall[0] * shade, pal.wall[1] * shade, pal.wall[2] * shade))
             np.maximum(occ, a, out=occ)
     if p.speculum in ("metal", "plastic"):
@@ -857,9 +906,9 @@ def _speculum(img: np.ndarray, p: SceneParams, g: _Grid, pal: _Palette, shot: _S
                 continue
             yy = y if top else 1.0 - y
             d = depth - p.blade_curve * (x - 0.5) ** 2 - yy  # > 0 inside the blade, 0 at its arc-shaped tip
-            if float(d.max()) < -aa:
+            if float(d.max()) < -soft:
                 continue
-            a = _ramp(-aa, aa, d)
+            a = _smooth(-soft, soft, d)
             dd = np.clip(d, 0.0, None)
             if p.speculum == "metal":
                 # Polished steel: bright rolled tip, dark band, broad soft reflections of the pink tissue.
@@ -869,11 +918,15 @@ def _speculum(img: np.ndarray, p: SceneParams, g: _Grid, pal: _Palette, shot: _S
                     + 0.35 * np.exp(-(((dd - 0.09) * 20.0) ** 2))
                     + 0.12 * np.sin(x * 9.0 + dd * 25.0)
                 )
-                colour = (0.8 * shade + 0.08, 0.76 * shade, 0.78 * shade)
+                colour = (0.74 * shade + 0.06, 0.76 * shade + 0.02, 0.8 * shade + 0.02)
             else:
                 # Translucent turquoise plastic: glossy tip, a little darker deeper in.
-                shade = 0.85 + 0.3 * np.exp(dd * -40.0) - 0.25 * _ramp(0.0, 0.35, dd)
-                colour = (0.3 * shade, 0.8 * shade, 0.86 * shade)
+                shade = 0.8 + 0.35 * np.exp(dd * -40.0) - 0.3 * _ramp(0.0, 0.35, dd) + 0.08 * np.sin(x * 7.0)
+                colour = (
+                    0.55 * shade + 0.05,
+                    0.76 * shade + 0.04,
+                    0.88 * shade + 0.04,
+                )  # the usual pale blue
             _blend(img, a, colour)
             np.maximum(occ, a, out=occ)
     elif p.speculum == "tube":
@@ -903,36 +956,45 @@ def _aperture(img: np.ndarray, occ: np.ndarray, g: _Grid, shot: _Shot) -> None:
 
 
 def _glare(img: np.ndarray, g: _Grid, shot: _Shot, sf: _ShotFields, wet: np.ndarray) -> None:
-    """Wet-surface sparkle: clusters of tiny sharp white flecks and a soft sheen where it faces the lens."""
-    density = _ramp(0.0, 1.3, g.field("clusters", sf.clusters))
-    density *= wet
-    density *= shot.wetness
-    thr = 2.5 - 2.6 * density
-    specks = g.field("sparkle", sf.sparkle) - thr
-    specks *= 1.0 / 0.2
-    np.maximum(specks, 0.0, out=specks)
-    np.minimum(specks, 1.0, out=specks)
-    # Larger irregular highlights where the surface is wet and faces the light.
-    blobs = g.field("patches", sf.patches)
-    blobs -= 2.9 - 1.6 * density
-    blobs *= 1.0 / 0.25
-    np.clip(blobs, 0.0, 1.0, out=blobs)
-    np.maximum(specks, blobs, out=specks)
-    # Soft sheen where the wet dome faces the coaxial light, broken up by the same clusters.
-    specks += density * (0.12 + 0.35 * _ramp(0.75, 1.0, wet))
+    """Specular highlights of the wet surface under the coaxial light.
+
+    Real ones are few and clustered: on convex ridges that face the light (lips, folds, raised acetowhite),
+    elongated along the surface, crisp with a soft halo. Here they are the peaks of a field stretched
+    sideways (the lips and rugae run across the picture) plus a finer isotropic one, grown only inside a
+    few clusters where the wet surface faces the lens and the light is strongest.
+    """
+    du = g.u - shot.light_u
+    dv = g.v - shot.light_v
+    dens = _ramp(shot.glint_cut, shot.glint_cut + 0.8, g.field("clusters", sf.clusters))
+    dens *= _ramp(0.35, 0.9, wet)
+    dens *= np.exp((du * du + dv * dv) * -2.5)
+    dens *= shot.wetness
+    # Irregular flakes: the cut on a multi-scale field drops where the gloss is dense, none outside.
+    peaks = g.field("wide", sf.wide)
+    peaks += g.field("patches", sf.patches)
+    peaks *= 0.55
+    peaks += 0.55 * g.field("sparkle", sf.sparkle)
+    peaks += 2.5 * dens
+    spec = _ramp(3.0, 3.2, peaks)
+    halo = _ramp(2.2, 3.1, peaks)
+    halo *= halo
+    on = _ramp(0.03, 0.15, dens)
+    spec *= on
+    halo *= on
+    spec += (0.3 * halo + 0.06 * dens) * (1.0 - spec)
     if sf.bloom is not None:  # a large soft overexposed reflection, e.g. of the ring light
         bloom = _smooth(1.3, 2.3, g.field("bloom", sf.bloom))
-        np.maximum(specks, bloom * (shot.bloom * 0.6) * wet, out=specks)
+        np.maximum(spec, bloom * (shot.bloom * 0.6) * wet, out=spec)
     for k in range(3):
         ch = img[k]
-        ch += specks * (1.1 - ch)
+        ch += spec * (1.1 - ch)
 
 
 def _green_filter(img: np.ndarray) -> None:
     """Red-free (green) filter: almost monochrome grey-cyan; red vessels and blood go dark."""
     lum = img[0] * 0.15 + img[1] * 0.65 + img[2] * 0.2
     lum *= 1.3
-    tint = (0.72, 0.92, 0.84)
+    tint = (0.8, 0.93, 0.9)
     for k in range(3):
         img[k] = lum * tint[k] + 0.1 * (img[k] - lum)
 
@@ -965,6 +1027,18 @@ def _camera(img: np.ndarray, g: _Grid, shot: _Shot) -> np.ndarray:
     return out
 
 
+def _camera_blur_radius(shot: _Shot, px: float) -> float:
+    return shot.blur * px * shot.span / 600.0 if shot.blur > 0 else 0.0
+
+
+def camera_blur_extent(box_radius: float, width: int, height: int) -> float:
+    """The rendered camera blur in the degradation model's unit (equivalent disc radius / short side).
+
+    A box of radius r has per-axis variance r^2/3; a disc of radius R has R^2/4: R = 2r/sqrt(3).
+    """
+    return 2.0 * box_radius / math.sqrt(3.0) / min(width, height)
+
+
 def _finish(out: np.ndarray, shot: _Shot, px: float) -> np.ndarray:
     """Tone curve, optional defocus and JPEG round trip, on the whole uint8 picture."""
     # Phone and colposcope cameras render punchy: gamma plus an S-curve that clips highlights.
@@ -974,7 +1048,11 @@ def _finish(out: np.ndarray, shot: _Shot, px: float) -> np.ndarray:
     im = Image.fromarray(out).point(lut.tolist() * 3)
     if shot.blur > 0:
         # A box is cheaper than a Gaussian and a fair model of a defocus disc.
-        im = im.filter(ImageFilter.BoxBlur(shot.blur * px * shot.span / 600.0))
+        im = im.filter(ImageFilter.BoxBlur(_camera_blur_radius(shot, px)))
+    if shot.sharpen > 0:  # unsharp mask: extrapolate away from a box-blurred copy
+        im = Image.blend(
+            im.filter(ImageFilter.BoxBlur(max(px * shot.span / 300.0, 1.0))), im, 1.0 + shot.sharpen
+        )
     if shot.jpeg:
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=shot.jpeg)
@@ -1023,7 +1101,8 @@ def render(
         for c0, c1 in wall_runs:
             if c1 > c0:
                 sub = img[:, :, c0:c1]
-                sub[...] = _background(params, g.cols(c0, c1), pal)
+                sub[...], crest = _background(params, g.cols(c0, c1), pal)
+                wet[:, c0:c1] += 0.5 * crest
                 if params.cervix_in_view:
                     _fornix_shadow(sub, ol.rho[:, c0:c1], ol.lo[:, c0:c1])
         cervix = np.zeros((g.h, g.w), _F32)
@@ -1038,7 +1117,7 @@ def render(
         occ = _speculum(img, params, g, pal, shot)
         if shot.aperture > 0:
             _aperture(img, occ, g, shot)
-        wet += occ * (0.4 - wet)
+        wet += occ * (0.55 - wet)
         _glare(img, g, shot, sf, wet)
         if stage == "green":
             _green_filter(img)
@@ -1061,6 +1140,7 @@ def render(
         lesion_mask=lesion.astype(np.uint8),
         severity=params.severity,
         exam_stage=stage,
+        blur_extent=camera_blur_extent(_camera_blur_radius(shot, frame.px), width, height),
     )
     return LabelledImage(image=image, labels=labels, subject=f"synthetic-{params.seed}", source="synthetic")
 

@@ -140,3 +140,8 @@ def training_data_summary(task: str, checkpoint: dict[str, object]) -> dict[str,
         "final_model": "trained on all real subjects (CV fold models measured the real figures) and the "
         "synthetic train subjects",
     }
+
+
+def split_family(folds: list[Split]) -> str:
+    """`real-gkf5-s0` from fold names like `real-gkf5-s0-f3`."""
+    return folds[0].name.rsplit("-f", 1)[0]

@@ -19,7 +19,6 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from service.manifest import OutputSpec
 from service.preprocess import prepare
@@ -53,24 +52,6 @@ def loss_fn(
     return presence + box_weight * box_l1 / has_box.sum().clamp(min=1.0)
 
 
-def train_one_epoch(
-    model: nn.Module, batches: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, args: argparse.Namespace, epoch: int,
-) -> float:  # fmt: skip
-    model.train()
-    batches.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
-    total, count = 0.0, 0
-    for batch in tqdm(batches, desc=f"{TASK} epoch {epoch}", leave=False):
-        loss = loss_fn(model(batch["tensor"]), batch, args.box_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        total += loss.item() * len(batch["tensor"])
-        count += len(batch["tensor"])
-    return total / max(count, 1)
-
-
 def evaluate(
     model: nn.Module, images: list[LabelledImage], args: argparse.Namespace
 ) -> dict[str, np.ndarray]:
@@ -85,16 +66,9 @@ def evaluate(
 
 def fit(train_images: list[LabelledImage], args: argparse.Namespace) -> CervixDetector:
     engine.seed_everything(args.seed)
-    model = CervixDetector()
     dataset = engine.SampleDataset(train_images, presets.detector_train, args.seed)
-    batches = engine.loader(dataset, args.batch_size, shuffle=True, seed=args.seed, workers=args.workers)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, total_steps=max(1, args.epochs * len(batches))
-    )
-    for epoch in range(args.epochs):
-        loss = train_one_epoch(model, batches, optimizer, scheduler, args, epoch)
-        print(f"{TASK}: epoch {epoch} loss {loss:.4f}", flush=True)
+    model = CervixDetector()
+    engine.fit(model, dataset, partial(loss_fn, box_weight=args.box_weight), args, TASK)
     return model
 
 
@@ -130,7 +104,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
     synthetic_test = evaluate(model, common.pick(synthetic, synthetic_split.test), args)
     engine.save_checkpoint(args.output_dir / "model.pth", model, args, command=common.command_line())
     common.save_predictions(args.output_dir, held_out=held_out, synthetic_test=synthetic_test)
-    report = summarise(held_out, synthetic_test, args, real_split=real.folds[0].name.rsplit("-f", 1)[0],
+    report = summarise(held_out, synthetic_test, args, real_split=common.split_family(real.folds),
                        synthetic_split=synthetic_split.name)  # fmt: skip
     engine.write_json(args.output_dir / "metrics.json", report)
     return report
