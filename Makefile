@@ -39,8 +39,17 @@ test: $(DEV_STAMP)
 test-fast: $(DEV_STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
+# Train, evaluate and export the four models into models/ (runs/ keeps checkpoints, predictions and
+# reports). The segmenter goes first: the severity model's 4th channel is the exported segmenter's output.
+MODEL_TASKS := segmenter severity detector quality
+RUNS := runs
 models: $(DEV_STAMP)
-	@echo "make models: not implemented yet - training and export are issue #3." >&2; exit 2
+	@set -e; for task in $(MODEL_TASKS); do \
+		echo "== $$task"; \
+		$(BIN)/python -m training train $$task --output-dir $(RUNS)/$$task; \
+		$(BIN)/python -m training evaluate $$task --run-dir $(RUNS)/$$task; \
+		$(BIN)/python -m training export $$task --run-dir $(RUNS)/$$task --models-dir models; \
+	done
 
 bench: $(DEV_STAMP)
 	@echo "make bench: not implemented yet - the benchmark harness is issue #5." >&2; exit 2

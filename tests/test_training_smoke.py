@@ -16,27 +16,20 @@ from service.manifest import read_manifest
 from training.__main__ import main as training_cli
 from training.export import ort_session
 
-TINY = [
-    "--epochs",
-    "1",
-    "--batch-size",
-    "4",
-    "--workers",
-    "0",
-    "--synthetic-subjects",
-    "14",
-    "--max-real",
-    "12",
-]
+TINY = ["--epochs", "1", "--pretrain-epochs", "1", "--batch-size", "4", "--workers", "0"]
+TINY_DATA = {
+    "detector": ["--synthetic-subjects", "14", "--max-real", "12", "--folds", "0"],
+    "quality": ["--synthetic-subjects", "8", "--max-real", "8", "--folds", "0"],
+    "segmenter": ["--synthetic-subjects", "21"],
+    "severity": ["--synthetic-subjects", "14", "--max-real", "12", "--folds", "0"],
+}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("task", ["detector"])
-def test_train_evaluate_export_load(task: str, tmp_path: Path) -> None:
-    run_dir, models_dir = tmp_path / "run", tmp_path / "models"
-    training_cli(["train", task, "--output-dir", str(run_dir), "--folds", "0", *TINY])
+def train_evaluate_export(task: str, tmp_path: Path, *extra: str) -> dict:
+    """Run the three steps as `make models` does; return the training summary."""
+    run_dir, models_dir = tmp_path / "runs" / task, tmp_path / "models"
+    training_cli(["train", task, "--output-dir", str(run_dir), *TINY, *TINY_DATA[task], *extra])
     summary = json.loads((run_dir / "metrics.json").read_text())
-    assert summary["real_split"].startswith("real-gkf5-s0")
     assert summary["synthetic_split"] == "synthetic-holdout-s0"
 
     training_cli(["evaluate", task, "--run-dir", str(run_dir)])
@@ -46,9 +39,35 @@ def test_train_evaluate_export_load(task: str, tmp_path: Path) -> None:
 
     training_cli(["export", task, "--run-dir", str(run_dir), "--models-dir", str(models_dir)])
     manifest = read_manifest(models_dir / task)  # verifies the sha256 as the service does
-    assert manifest.command.startswith("python") and "train" in manifest.command
+    assert manifest.command.startswith("python") and f"train {task}" in manifest.command
     session = ort_session(models_dir / task / "model.onnx", threads=1)
     spec = manifest.input
     batch = np.zeros((2, len(spec.channels), spec.height, spec.width), np.float32)
     outputs = session.run(None, {spec.name: batch})
     assert [o.shape[0] for o in outputs] == [2] * len(manifest.outputs)
+    return summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["detector", "quality"])
+def test_train_evaluate_export_load(task: str, tmp_path: Path) -> None:
+    summary = train_evaluate_export(task, tmp_path)
+    assert summary["real_split"].startswith("real-gkf5-s0")
+
+
+@pytest.mark.slow
+def test_segmenter_then_severity_on_its_lesion_channel(tmp_path: Path) -> None:
+    segmenter = train_evaluate_export("segmenter", tmp_path)
+    assert 0.0 <= segmenter["synthetic_test"]["mean_dice"] <= 1.0
+
+    severity = train_evaluate_export(
+        "severity", tmp_path, "--segmenter-dir", str(tmp_path / "models" / "segmenter")
+    )
+    assert severity["real_split"].startswith("real-gkf5-s0")
+    manifest = read_manifest(tmp_path / "models" / "severity")
+    assert manifest.extra["segmenter_sha256"] == read_manifest(tmp_path / "models" / "segmenter").sha256
+    assert manifest.extra["voting"]["weights"] == {
+        "original": 0.2, "lesion_only": 0.25, "original_flipped": 0.15,
+        "lesion_only_flipped": 0.2, "brighter": 0.11, "darker": 0.09,
+    }  # fmt: skip
+    assert {"cin2plus", "cin2plus_single"} <= set(manifest.thresholds)

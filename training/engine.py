@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 S = TypeVar("S")
 T = TypeVar("T")
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 def seed_everything(seed: int) -> None:
@@ -129,16 +130,26 @@ def train_one_epoch(
 
 
 def fit(
-    model: torch.nn.Module, dataset: Dataset, loss_fn: LossFn, args: argparse.Namespace, desc: str
-) -> torch.nn.Module:
-    """AdamW with a one-cycle schedule for `args.epochs`: the recipe every task shares."""
+    model: M,
+    dataset: Dataset,
+    loss_fn: LossFn,
+    args: argparse.Namespace,
+    desc: str,
+    *,
+    epochs: int | None = None,
+    lr: float | None = None,
+) -> M:
+    """AdamW with a one-cycle schedule: the recipe every task shares. `epochs` and `lr` default to
+    `args.epochs` and `args.lr` (synthetic pretraining and real fine-tuning pass their own)."""
     seed_everything(args.seed)
+    epochs = args.epochs if epochs is None else epochs
+    lr = args.lr if lr is None else lr
     batches = loader(dataset, args.batch_size, shuffle=True, seed=args.seed, workers=args.workers)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, total_steps=max(1, args.epochs * len(batches))
+        optimizer, max_lr=lr, total_steps=max(1, epochs * len(batches))
     )
-    for epoch in range(args.epochs):
+    for epoch in range(epochs):
         loss = train_one_epoch(model, batches, loss_fn, optimizer, scheduler, epoch, desc)
         print(f"{desc}: epoch {epoch} loss {loss:.4f}", flush=True)
     return model

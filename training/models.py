@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchvision.models import mobilenet_v3_small
-from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+from torchvision.models.segmentation.lraspp import _lraspp_mobilenetv3
 
 
 def _small_backbone(in_channels: int, width_mult: float) -> tuple[nn.Module, int]:
@@ -61,11 +61,16 @@ class QualityNet(nn.Module):
 
 
 class LesionSegmenter(nn.Module):
-    """Cervix crop -> acetowhite lesion logit map at input resolution (LR-ASPP, MobileNetV3-Large)."""
+    """Cervix crop -> acetowhite lesion logit map at input resolution (LR-ASPP on MobileNetV3-Small).
+
+    torchvision ships LR-ASPP on the Large backbone only; on this 2-core CPU a training step of the
+    Small one takes 0.70 s vs 1.6 s (batch 16 at 224), which buys the epochs `make models` can afford.
+    Its builder is the one torchvision's own `lraspp_mobilenet_v3_large` calls.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = lraspp_mobilenet_v3_large(num_classes=1, weights=None, weights_backbone=None)
+        self.net = _lraspp_mobilenetv3(mobilenet_v3_small(dilated=True), num_classes=1)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"lesion_logits": self.net(image)["out"]}

@@ -173,7 +173,16 @@ def segmentation_sample(
     region = cervix_region(labelled, rng)
     both = np.dstack([crop(image, region), crop(mask, region) * np.uint8(255)])
     fitted, _ = fit(both, _with_channels(spec, 4))
-    return SegmentationSample(normalize(fitted[..., :3], spec)[0], (fitted[..., 3] >= 128).astype(np.float32))
+    rgb = fitted[..., :3] if rng is None else colour_jitter(fitted[..., :3], rng)
+    return SegmentationSample(normalize(rgb, spec)[0], (fitted[..., 3] >= 128).astype(np.float32))
+
+
+def colour_jitter(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Exposure, tone and white-balance jitter on a small fitted crop: cameras differ in all three,
+    and a model trained on synthetic colours must not depend on them."""
+    gains = rng.uniform(0.85, 1.15, 3) * rng.uniform(0.8, 1.2)
+    toned = (rgb.astype(np.float32) / 255.0) ** rng.uniform(0.8, 1.25)
+    return np.clip(toned * gains * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def _with_channels(spec: InputSpec, n: int) -> InputSpec:

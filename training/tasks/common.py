@@ -3,26 +3,54 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import shlex
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from training.data import catalog
 from training.data.adapters import DEFAULT_ATLAS
 from training.data.records import ImageRecord, LabelledImage
 from training.data.splits import Split, holdout
 
+T = TypeVar("T")
+M = TypeVar("M", bound=nn.Module)
 
-def add_common_arguments(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float) -> None:
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    pretrain_epochs: int = 0,
+    finetune_lr: float | None = None,
+) -> None:
     parser.add_argument("--atlas", type=Path, default=DEFAULT_ATLAS, help="IARC atlas folder")
     parser.add_argument("--output-dir", type=Path, required=True, help="checkpoints, predictions, reports")
-    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument(
+        "--epochs", type=int, default=epochs, help="epochs on real data (after synthetic pretraining)"
+    )
+    parser.add_argument(
+        "--pretrain-epochs", type=int, default=pretrain_epochs,
+        help="epochs of the synthetic-only pretraining that every fold starts from (0: none)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--lr", type=float, default=lr, help="peak learning rate (pretraining or only fit)")
+    parser.add_argument(
+        "--finetune-lr", type=float, default=finetune_lr or lr / 3,
+        help="peak learning rate when fine-tuning the pretrained model on real data",
+    )  # fmt: skip
+    parser.add_argument(
+        "--replay", type=float, default=1.0, help="synthetic samples mixed into fine-tuning, per real sample"
+    )
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
@@ -75,7 +103,20 @@ def folds_to_run(args: argparse.Namespace, n_folds: int) -> list[int]:
     return list(range(n_folds)) if args.folds is None else list(args.folds)
 
 
-def pick(images: list[LabelledImage], indices: tuple[int, ...] | list[int]) -> list[LabelledImage]:
+def replay(items: Sequence[T], per_real: float, n_real: int, seed: int) -> list[T]:
+    """A fixed random subset of the synthetic training items, mixed into fine-tuning on real data so
+    the model keeps what synthetic pretraining taught it (boxes, masks, rare degradations)."""
+    count = min(len(items), round(per_real * n_real))
+    chosen = np.random.default_rng((seed, 0x5E91)).permutation(len(items))[:count]
+    return [items[i] for i in sorted(chosen)]
+
+
+def start_from(base: nn.Module | None, make: Callable[[], M]) -> M:
+    """A fresh model, or a copy of the synthetic-pretrained one (each fold fine-tunes its own copy)."""
+    return copy.deepcopy(base) if base is not None else make()  # type: ignore[return-value]
+
+
+def pick(images: Sequence[T], indices: tuple[int, ...] | list[int]) -> list[T]:
     return [images[i] for i in indices]
 
 

@@ -35,7 +35,7 @@ TASK = "detector"
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, add_help=add_help)
-    common.add_common_arguments(parser, epochs=14, batch_size=32, lr=3e-3)
+    common.add_common_arguments(parser, epochs=4, batch_size=32, lr=3e-3, pretrain_epochs=10)
     parser.add_argument("--box-weight", type=float, default=5.0, help="box L1 loss weight vs presence BCE")
     parser.add_argument("--target-recall", type=float, default=0.98,
                         help="operating point: recall of real cervix photos on held-out folds")  # fmt: skip
@@ -64,12 +64,22 @@ def evaluate(
     return out
 
 
-def fit(train_images: list[LabelledImage], args: argparse.Namespace) -> CervixDetector:
+def fit(
+    train_images: list[LabelledImage],
+    args: argparse.Namespace,
+    base: CervixDetector | None = None,
+    *,
+    pretraining: bool = False,
+) -> CervixDetector:
+    """Synthetic pretraining (`pretraining=True`), or a fit on real photos starting from `base`."""
     engine.seed_everything(args.seed)
     dataset = engine.SampleDataset(train_images, presets.detector_train, args.seed)
-    model = CervixDetector()
-    engine.fit(model, dataset, partial(loss_fn, box_weight=args.box_weight), args, TASK)
-    return model
+    model = common.start_from(base, CervixDetector)
+    loss = partial(loss_fn, box_weight=args.box_weight)
+    if pretraining:
+        return engine.fit(model, dataset, loss, args, f"{TASK} pretrain", epochs=args.pretrain_epochs)
+    lr = args.finetune_lr if base is not None else args.lr
+    return engine.fit(model, dataset, loss, args, TASK, lr=lr)
 
 
 def box_iou_of(out: dict[str, np.ndarray]) -> np.ndarray:
@@ -90,17 +100,22 @@ def main(args: argparse.Namespace) -> dict[str, object]:
     count, synthetic_split = common.synthetic_split(TASK, args)
     synthetic = synthetic_scenes(0, count)
     synthetic_train = common.pick(synthetic, synthetic_split.train)
+    # Pretraining sees synthetic scenes only, so every real fold may start from it.
+    base = fit(synthetic_train, args, pretraining=True) if args.pretrain_epochs else None
+
+    def with_replay(real_images: list[LabelledImage]) -> list[LabelledImage]:
+        return real_images + common.replay(synthetic_train, args.replay, len(real_images), args.seed)
 
     held_out: list[dict[str, np.ndarray]] = []
     for fold in common.folds_to_run(args, len(real.folds)):
         split = real.folds[fold]
-        model = fit(common.pick(real.images, split.train) + synthetic_train, args)
+        model = fit(with_replay(common.pick(real.images, split.train)), args, base)
         out = evaluate(model, common.pick(real.images, split.val), args)
         out["fold"] = np.full(len(split.val), fold)
         out["source"] = np.array([real.records[i].source for i in split.val])
         held_out.append(out)
 
-    model = fit(real.images + synthetic_train, args)
+    model = fit(with_replay(real.images), args, base)
     synthetic_test = evaluate(model, common.pick(synthetic, synthetic_split.test), args)
     engine.save_checkpoint(args.output_dir / "model.pth", model, args, command=common.command_line())
     common.save_predictions(args.output_dir, held_out=held_out, synthetic_test=synthetic_test)
@@ -137,10 +152,6 @@ def summarise(
         "n": len(ious),
     }
     return summary
-
-
-if __name__ == "__main__":
-    main(get_args_parser().parse_args())
 
 
 get_step_parser = common.get_step_parser
