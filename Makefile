@@ -39,8 +39,8 @@ test: $(DEV_STAMP)
 test-fast: $(DEV_STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
-# Train, evaluate and export the four models into models/ (runs/ keeps checkpoints, predictions and
-# reports). The segmenter goes first: the severity model's 4th channel is the exported segmenter's output.
+# Train, evaluate and export the four models into models/, each with a copy of its evaluation report
+# (runs/ keeps checkpoints and held-out predictions). The segmenter goes first: the severity model's 4th channel is the exported segmenter's output.
 MODEL_TASKS := segmenter severity detector quality
 RUNS := runs
 models: $(DEV_STAMP)
@@ -49,6 +49,7 @@ models: $(DEV_STAMP)
 		$(BIN)/python -m training train $$task --output-dir $(RUNS)/$$task; \
 		$(BIN)/python -m training evaluate $$task --run-dir $(RUNS)/$$task; \
 		$(BIN)/python -m training export $$task --run-dir $(RUNS)/$$task --models-dir models; \
+		rm -rf models/$$task/report && cp -r $(RUNS)/$$task/report models/$$task/report; \
 	done
 
 bench: $(DEV_STAMP)

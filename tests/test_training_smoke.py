@@ -37,7 +37,11 @@ def train_evaluate_export(task: str, tmp_path: Path, *extra: str) -> dict:
     assert "Held-out cases only" in report
     assert any(p.suffix == ".png" for p in (run_dir / "report").iterdir())
 
-    training_cli(["export", task, "--run-dir", str(run_dir), "--models-dir", str(models_dir)])
+    # One-epoch models on a few images carry BatchNorm statistics from two batches: near-zero variances
+    # amplify float rounding, so parity is looser here. The shipped models are held to 1e-4
+    # (tests/test_shipped_models.py).
+    export = ["export", task, "--run-dir", str(run_dir), "--models-dir", str(models_dir)]
+    training_cli([*export, "--parity-atol", "1e-2"])
     manifest = read_manifest(models_dir / task)  # verifies the sha256 as the service does
     assert manifest.command.startswith("python") and f"train {task}" in manifest.command
     session = ort_session(models_dir / task / "model.onnx", threads=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 TASKS = ("detector", "quality", "segmenter", "severity")
@@ -23,7 +24,15 @@ def main(argv: list[str] | None = None) -> None:
     step = getattr(module, STEP_FUNCTIONS[known.step])
     task_parser = module.get_args_parser() if known.step == "train" else module.get_step_parser(known.step)
     task_parser.prog = f"python -m training {known.step} {known.task}"
-    step(task_parser.parse_args(rest))
+    args = task_parser.parse_args(rest)
+    if known.step == "train":
+        args.command = command_line(argv)  # saved with the checkpoint; export copies it into the manifest
+    step(args)
+
+
+def command_line(argv: list[str]) -> str:
+    """The exact command that ran (as typed at a shell, whoever called `main`)."""
+    return " ".join(shlex.quote(a) for a in ["python", "-m", "training", *argv])
 
 
 if __name__ == "__main__":

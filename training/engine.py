@@ -7,11 +7,13 @@ import argparse
 import json
 import random
 from collections.abc import Callable, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -152,4 +154,17 @@ def fit(
     for epoch in range(epochs):
         loss = train_one_epoch(model, batches, loss_fn, optimizer, scheduler, epoch, desc)
         print(f"{desc}: epoch {epoch} loss {loss:.4f}", flush=True)
+    recalibrate_batchnorm(model, batches)
     return model
+
+
+def recalibrate_batchnorm(model: torch.nn.Module, batches: DataLoader, max_batches: int = 40) -> None:
+    """Recompute BatchNorm running statistics with the final weights.
+
+    torchvision's MobileNetV3 tracks them with momentum 0.01, so after a short from-scratch schedule they
+    still describe early weights: measured on the first segmenter, P(lesion) peaked at 0.03 in eval
+    mode and 0.9996 in train mode on the same crops. An equal-weight average over training batches
+    with the final weights (torch's SWA `update_bn`) fixes eval mode.
+    """
+    update_bn((batch["tensor"] for batch in islice(batches, max_batches)), model)
+    model.eval()

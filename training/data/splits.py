@@ -47,6 +47,9 @@ def _fold_of_each_image(
     if k < 2 or k > n_subjects:
         raise ValueError(f"k must be between 2 and the number of subjects ({n_subjects}), got {k}")
     labels = _checked_strata(subjects, strata)
+    if max(labels.count(label) for label in set(labels)) < k:
+        # No stratum can fill k folds (scikit-learn refuses): stratifying is impossible, so group only.
+        labels = ["all"] * len(subjects)
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     fold_of = np.empty(len(subjects), dtype=np.int64)
     for fold, (_, held) in enumerate(splitter.split(np.zeros(len(subjects)), labels, list(subjects))):

@@ -63,8 +63,11 @@ def add_common_arguments(
     )
 
 
-def command_line() -> str:
-    """The exact command that ran, for the manifest and checkpoint."""
+def command_line(args: argparse.Namespace) -> str:
+    """The exact command that ran, for the manifest and checkpoint (set by `python -m training`)."""
+    command = getattr(args, "command", None)
+    if command:
+        return str(command)
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "-m", "training", *sys.argv[1:]])
 
 
@@ -151,6 +154,8 @@ def get_step_parser(step: str) -> argparse.ArgumentParser:
     if step == "export":
         parser.add_argument("--models-dir", type=Path, default=Path("models"))
         parser.add_argument("--version", default="1.0.0", help="semantic version written to the manifest")
+        parser.add_argument("--parity-atol", type=float, default=1e-4,
+                            help="max abs PyTorch vs ONNX Runtime difference")  # fmt: skip
     parser.add_argument("--atlas", type=Path, default=DEFAULT_ATLAS)
     return parser
 

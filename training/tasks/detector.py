@@ -117,7 +117,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
 
     model = fit(with_replay(real.images), args, base)
     synthetic_test = evaluate(model, common.pick(synthetic, synthetic_split.test), args)
-    engine.save_checkpoint(args.output_dir / "model.pth", model, args, command=common.command_line())
+    engine.save_checkpoint(args.output_dir / "model.pth", model, args, command=common.command_line(args))
     common.save_predictions(args.output_dir, held_out=held_out, synthetic_test=synthetic_test)
     report = summarise(held_out, synthetic_test, args, real_split=common.split_family(real.folds),
                        synthetic_split=synthetic_split.name)  # fmt: skip
@@ -253,4 +253,5 @@ def export(args: argparse.Namespace) -> export_step.ExportResult:
         ),
         args.models_dir / TASK,
         parity_inputs=parity,
+        atol=args.parity_atol,
     )

@@ -160,7 +160,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         make_pool(synthetic_test, args.synthetic_variants, train=False, seed=args.seed, desc="synth test"),
         args,
     )
-    engine.save_checkpoint(args.output_dir / "model.pth", model, args, command=common.command_line())
+    engine.save_checkpoint(args.output_dir / "model.pth", model, args, command=common.command_line(args))
     common.save_predictions(args.output_dir, held_out=held_out, synthetic_test=synthetic_eval)
     summary = summarise(
         held_out,
@@ -285,6 +285,7 @@ def report(args: argparse.Namespace) -> dict[str, Path]:
             title="Exam stage, held-out real",
         )
         figures["focus_vs_blur"] = partial(_plot_focus_vs_blur, real)
+    figures["examples_synthetic_test"] = partial(_plot_examples, run_dir)
     return reports.write_report(
         run_dir / "report",
         "Quality model",
@@ -296,6 +297,26 @@ def report(args: argparse.Namespace) -> dict[str, Path]:
             "the positive class. Classical focus measures are scored on the very same crops.",
         ),
     )
+
+
+def _plot_examples(run_dir: Path, path: Path) -> Path:
+    """The final model on degraded photos of held-out synthetic subjects (it never saw them)."""
+    model, checkpoint = _load_final(run_dir)
+    args = argparse.Namespace(**checkpoint["args"])  # type: ignore[arg-type]
+    _, split = common.synthetic_split(TASK, args)
+    photos = [
+        synthetic_subjects(seed, 1, (EXAM_STAGES[seed % len(EXAM_STAGES)],))[0] for seed in split.test[:12]
+    ]
+    pool = [_pool_item((i, 0, photo), train=False, seed=args.seed + 1) for i, photo in enumerate(photos)]
+    out = evaluate(model, pool, args)
+    captions = []
+    for i, item in enumerate(pool):
+        truth = (
+            "ambiguous" if np.isnan(item.sharp) else ("sharp" if item.sharp else BLUR_KINDS[item.blur_kind])
+        )
+        stage = EXAM_STAGES[int(np.argmax(out["stage_logits"][i]))]
+        captions.append(f"P(sharp) {out['p_sharp'][i]:.2f}, truth {truth}; stage {stage}")
+    return reports.plot_examples([item.fitted for item in pool], captions, path)
 
 
 def _plot_focus_vs_blur(real: dict[str, np.ndarray], path: Path) -> Path:
@@ -365,4 +386,5 @@ def export(args: argparse.Namespace) -> export_step.ExportResult:
         ),
         args.models_dir / TASK,
         parity_inputs=parity,
+        atol=args.parity_atol,
     )

@@ -94,7 +94,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
 
     threshold = best_threshold(predict(model, subjects(split.val), args))
     test = predict(model, subjects(split.test), args)
-    engine.save_checkpoint(args.output_dir / "model.pth", model, args, command=common.command_line())
+    engine.save_checkpoint(args.output_dir / "model.pth", model, args, command=common.command_line(args))
     common.save_predictions(args.output_dir, synthetic_test=test)
     summary = {
         "real_split": "none: no real lesion masks are available",
@@ -232,4 +232,5 @@ def export(args: argparse.Namespace) -> export_step.ExportResult:
         ),
         args.models_dir / TASK,
         parity_inputs=parity,
+        atol=args.parity_atol,
     )

@@ -219,7 +219,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         args.output_dir / "model.pth",
         model,
         args,
-        command=common.command_line(),
+        command=common.command_line(args),
         segmenter_sha256=lesion_channel.manifest.sha256,
     )
     common.save_predictions(args.output_dir, held_out=held_out, synthetic_test=synthetic_eval)
@@ -330,6 +330,7 @@ def report(args: argparse.Namespace) -> dict[str, Path]:
             metrics.calibration(real["cin2plus"], real["p_voting"]),
             title="Calibration",
         )
+    figures["examples_synthetic_test"] = partial(_plot_examples, run_dir, args.atlas)
     return reports.write_report(
         run_dir / "report",
         "Severity classifier (CIN2+)",
@@ -343,6 +344,29 @@ def report(args: argparse.Namespace) -> dict[str, Path]:
             "The atlas is small (44 cases, about three HSIL per LSIL): confidence intervals are wide.",
         ),
     )
+
+
+def _plot_examples(run_dir: Path, atlas: Path, path: Path) -> Path:
+    """The final model on held-out synthetic subjects: RGB with the lesion channel tinted yellow."""
+    model, checkpoint = _load_final(run_dir)
+    args = argparse.Namespace(**checkpoint["args"])  # type: ignore[arg-type]
+    _, split = common.synthetic_split(TASK, args)
+    photos = [synthetic_subjects(FIRST_SYNTHETIC_SEED + i, 1, (STAGE,))[0] for i in split.test[:16]]
+    photos = [photo for photo in photos if photo.labels.cervix_present][:12]
+    items = make_crops(photos, LesionChannel(args.segmenter_dir), "examples")
+    out = score(model, items)
+    drawn = [
+        (
+            item.rgb * (1 - item.lesion[..., None] / 510)
+            + np.array([255, 230, 0]) * item.lesion[..., None] / 510
+        ).astype(np.uint8)
+        for item in items
+    ]
+    captions = [
+        f"P(CIN2+) {p:.2f} voted, truth {'CIN2+' if y else 'not'}"
+        for p, y in zip(out["p_voting"], out["cin2plus"], strict=True)
+    ]
+    return reports.plot_examples(drawn, captions, path)
 
 
 def export(args: argparse.Namespace) -> export_step.ExportResult:
@@ -395,4 +419,5 @@ def export(args: argparse.Namespace) -> export_step.ExportResult:
         ),
         args.models_dir / TASK,
         parity_inputs=parity,
+        atol=args.parity_atol,
     )

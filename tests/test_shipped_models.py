@@ -1,0 +1,105 @@
+"""The four models in models/ keep the contract: each manifest verifies, says what training used, and the
+ONNX model runs on the input its manifest describes. Behaviour is checked on held-out synthetic subjects
+only (the real cases are all in the shipped models' training data)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.manifest import Manifest, read_manifest
+from service.preprocess import crop, fit, normalize, prepare
+from service.voting import PAPER_WEIGHTS
+from training import presets
+from training.data.synthetic import generate_scene, generate_subject
+from training.export import ort_session
+from training.sources import SYNTHETIC_SIZE
+from training.tasks import common
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+TASKS = ("detector", "quality", "segmenter", "severity")
+
+
+def manifest_of(task: str) -> Manifest:
+    return read_manifest(MODELS / task)  # verifies model.onnx against its sha256
+
+
+def held_out_synthetic_seeds(task: str, count: int) -> list[int]:
+    """Seeds of synthetic test subjects of the task's split: never trained on."""
+    args = argparse.Namespace(synthetic_subjects=None)
+    _, split = common.synthetic_split(task, args)
+    return sorted(split.test)[:count]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_manifest_verifies_and_matches_the_training_presets(task: str) -> None:
+    manifest = manifest_of(task)
+    assert manifest.name == task
+    assert manifest.input == presets.INPUT_SPECS[task], "training and serving must preprocess alike"
+    assert manifest.metrics["synthetic_split"] == "synthetic-holdout-s0"
+    assert f"train {task}" in manifest.command
+    assert manifest.thresholds and all(0.0 <= t <= 1.0 for t in manifest.thresholds.values())
+    parity = manifest.extra["export"]["parity_max_abs_diff"]  # type: ignore[index]
+    assert set(parity) == {o.name for o in manifest.outputs} and max(parity.values()) <= 1e-4
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_model_runs_on_the_input_its_manifest_describes(task: str) -> None:
+    manifest = manifest_of(task)
+    session = ort_session(MODELS / task / "model.onnx", threads=1)
+    image = generate_scene(3, SYNTHETIC_SIZE).image
+    if len(manifest.input.channels) == 4:
+        rgb, _ = fit(image, manifest.input)
+        tensor = normalize(np.dstack([rgb, np.zeros(rgb.shape[:2], np.uint8)]), manifest.input)
+    else:
+        tensor, _ = prepare(image, manifest.input)
+    outputs = session.run(None, {manifest.input.name: tensor})
+    for output, spec in zip(outputs, manifest.outputs, strict=True):
+        assert output.shape == tuple(1 if d == "batch" else d for d in spec.shape)
+        assert np.isfinite(output).all()
+
+
+def test_models_fit_in_the_size_budget() -> None:
+    total = sum((MODELS / task / "model.onnx").stat().st_size for task in TASKS)
+    assert total < 40 * 2**20
+
+
+def test_severity_names_the_segmenter_it_was_trained_with_and_the_paper_voting() -> None:
+    severity = manifest_of("severity")
+    assert severity.extra["segmenter_sha256"] == manifest_of("segmenter").sha256
+    assert severity.extra["voting"]["weights"] == PAPER_WEIGHTS  # type: ignore[index]
+
+
+def test_detector_tells_held_out_synthetic_scenes_with_and_without_a_cervix() -> None:
+    manifest = manifest_of("detector")
+    session = ort_session(MODELS / "detector" / "model.onnx", threads=1)
+    correct = []
+    for seed in held_out_synthetic_seeds("detector", 30):
+        scene = generate_scene(seed, SYNTHETIC_SIZE)
+        tensor, _ = prepare(scene.image, manifest.input)
+        (logit, _box) = session.run(None, {manifest.input.name: tensor})
+        called = 1 / (1 + np.exp(-logit[0, 0])) >= manifest.thresholds["cervix_present"]
+        correct.append(called == scene.labels.cervix_present)
+    assert np.mean(correct) >= 0.8
+
+
+def test_segmenter_overlaps_held_out_synthetic_lesions() -> None:
+    manifest = manifest_of("segmenter")
+    session = ort_session(MODELS / "segmenter" / "model.onnx", threads=1)
+    dice = []
+    for seed in held_out_synthetic_seeds("segmenter", 20):
+        photo = generate_subject(seed, SYNTHETIC_SIZE, ("acetic",))[0]
+        mask = photo.labels.lesion_mask
+        if not photo.labels.cervix_present or mask is None or not mask.any():
+            continue
+        region = presets.cervix_region(photo)
+        tensor, _ = prepare(crop(photo.image, region), manifest.input)
+        (logits,) = session.run(None, {manifest.input.name: tensor})
+        truth = presets.segmentation_sample(photo, None).mask > 0
+        predicted = 1 / (1 + np.exp(-logits[0, 0])) >= manifest.thresholds["lesion"]
+        dice.append(2 * (predicted & truth).sum() / max(predicted.sum() + truth.sum(), 1))
+    assert len(dice) >= 5
+    assert np.median(dice) >= 0.3
