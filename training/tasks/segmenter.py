@@ -4,7 +4,7 @@ No real photo here has a lesion mask (the atlas marks lesions with arrows and ou
 removed, not traced), so masks come from synthetic subjects photographed at the acetic-acid stage:
 train/val/test by subject (synthetic-holdout-s0). The binarisation threshold is chosen on the val
 subjects and every figure is measured on the test subjects. Real atlas photos appear only as
-qualitative examples in the report.
+qualitative examples, on request (`--atlas-examples`), never in models/.
 
     python -m training train segmenter --output-dir runs/segmenter
 """
@@ -108,7 +108,13 @@ def main(args: argparse.Namespace) -> dict[str, object]:
     return summary
 
 
-get_step_parser = common.get_step_parser
+def get_step_parser(step: str) -> argparse.ArgumentParser:
+    parser = common.get_step_parser(step)
+    if step == "evaluate":
+        parser.add_argument("--atlas-examples", action="store_true",
+                            help="also draw predictions on atlas photos (kept out of models/: the atlas is "
+                                 "not redistributed)")  # fmt: skip
+    return parser
 
 _SPEC = presets.INPUT_SPECS[TASK]
 OUTPUTS = (
@@ -134,15 +140,15 @@ def report(args: argparse.Namespace) -> dict[str, Path]:
     figures: dict[str, reports.FigureSpec] = {
         "examples_synthetic_test": partial(_plot_synthetic_examples, model, checkpoint, summary["threshold"]),
     }
-    if args.atlas.is_dir():
+    if args.atlas_examples and args.atlas.is_dir():
         figures["examples_atlas_acetic"] = partial(
             _plot_atlas_examples, model, args.atlas, summary["threshold"]
         )
     return reports.write_report(
         run_dir / "report", "Lesion segmenter", summary, split=summary["synthetic_split"], figures=figures,
         notes=("Masks exist for synthetic subjects only: IoU and Dice are on held-out synthetic test "
-               "subjects, the threshold on the val subjects. The atlas figure is qualitative only: its "
-               "lesions are not traced, so no real-data IoU can be given.",),
+               "subjects, the threshold on the val subjects. The atlas has no traced lesions, so no "
+               "real-data IoU exists; `evaluate segmenter --atlas-examples` draws atlas examples.",),
     )  # fmt: skip
 
 
