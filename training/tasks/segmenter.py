@@ -116,6 +116,7 @@ def get_step_parser(step: str) -> argparse.ArgumentParser:
                                  "not redistributed)")  # fmt: skip
     return parser
 
+
 _SPEC = presets.INPUT_SPECS[TASK]
 OUTPUTS = (
     OutputSpec(
