@@ -9,12 +9,14 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
+from training import engine
 from training.data import catalog
 from training.data.adapters import DEFAULT_ATLAS
 from training.data.records import ImageRecord, LabelledImage
@@ -114,9 +116,30 @@ def replay(items: Sequence[T], per_real: float, n_real: int, seed: int) -> list[
     return [items[i] for i in sorted(chosen)]
 
 
-def start_from(base: nn.Module | None, make: Callable[[], M]) -> M:
-    """A fresh model, or a copy of the synthetic-pretrained one (each fold fine-tunes its own copy)."""
-    return copy.deepcopy(base) if base is not None else make()  # type: ignore[return-value]
+def fit_stage(
+    make: Callable[[], M],
+    base: M | None,
+    dataset: Dataset,
+    loss: engine.LossFn,
+    args: argparse.Namespace,
+    task: str,
+    *,
+    pretraining: bool = False,
+) -> M:
+    """One stage of the recipe: synthetic pretraining (`pretraining=True`, `--pretrain-epochs`), or a fit on
+    real data fine-tuning a copy of `base` (`--finetune-lr`; `--lr` from scratch when there is no base)."""
+    model = copy.deepcopy(base) if base is not None else make()  # each fold fine-tunes its own copy
+    if pretraining:
+        return engine.fit(model, dataset, loss, args, f"{task} pretrain", epochs=args.pretrain_epochs)
+    return engine.fit(model, dataset, loss, args, task, lr=args.finetune_lr if base is not None else args.lr)
+
+
+def load_final(run_dir: Path, make: Callable[[], M]) -> tuple[M, dict[str, Any]]:
+    """The shipped model of a training run (eval mode) and its checkpoint (args, command)."""
+    checkpoint = engine.load_checkpoint(run_dir / "model.pth")
+    model = make()
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), checkpoint
 
 
 def pick(images: Sequence[T], indices: tuple[int, ...] | list[int]) -> list[T]:

@@ -74,12 +74,8 @@ def fit(
     """Synthetic pretraining (`pretraining=True`), or a fit on real photos starting from `base`."""
     engine.seed_everything(args.seed)
     dataset = engine.SampleDataset(train_images, presets.detector_train, args.seed)
-    model = common.start_from(base, CervixDetector)
     loss = partial(loss_fn, box_weight=args.box_weight)
-    if pretraining:
-        return engine.fit(model, dataset, loss, args, f"{TASK} pretrain", epochs=args.pretrain_epochs)
-    lr = args.finetune_lr if base is not None else args.lr
-    return engine.fit(model, dataset, loss, args, TASK, lr=lr)
+    return common.fit_stage(CervixDetector, base, dataset, loss, args, TASK, pretraining=pretraining)
 
 
 def box_iou_of(out: dict[str, np.ndarray]) -> np.ndarray:
@@ -163,13 +159,6 @@ OUTPUTS = (
 )  # fmt: skip
 
 
-def _load_final(run_dir: Path) -> tuple[CervixDetector, dict[str, object]]:
-    checkpoint = engine.load_checkpoint(run_dir / "model.pth")
-    model = CervixDetector()
-    model.load_state_dict(checkpoint["model"])
-    return model.eval(), checkpoint
-
-
 def report(args: argparse.Namespace) -> dict[str, Path]:
     """Report from the held-out predictions of `train` (real: pooled CV folds; synthetic: test subjects)."""
     run_dir: Path = args.run_dir
@@ -187,7 +176,7 @@ def report(args: argparse.Namespace) -> dict[str, Path]:
         figures["calibration_real_held_out"] = partial(
             reports.plot_calibration, metrics.calibration(real["present"], real["score"]), title="Calibration"
         )
-    model, checkpoint = _load_final(run_dir)
+    model, checkpoint = common.load_final(run_dir, CervixDetector)
     figures["examples_synthetic_test"] = partial(_plot_examples, model, checkpoint)
     return reports.write_report(
         run_dir / "report", "Cervix detector", summary, split=summary.get("real_split", "synthetic"),
@@ -221,7 +210,7 @@ def _plot_examples(model: CervixDetector, checkpoint: dict[str, object], path: P
 
 
 def export(args: argparse.Namespace) -> export_step.ExportResult:
-    model, checkpoint = _load_final(args.run_dir)
+    model, checkpoint = common.load_final(args.run_dir, CervixDetector)
     summary = json.loads((args.run_dir / "metrics.json").read_text())
     spec = presets.INPUT_SPECS[TASK]
     parity = [prepare(image.image, spec)[0] for image in common.parity_images(args.atlas)]

@@ -108,11 +108,7 @@ def fit(
 ) -> QualityNet:
     """Synthetic pretraining (`pretraining=True`), or a fit on real crops starting from `base`."""
     dataset = engine.SampleDataset(pool, presets.quality_sample, args.seed)
-    model = common.start_from(base, new_model)
-    if pretraining:
-        return engine.fit(model, dataset, loss_fn, args, f"{TASK} pretrain", epochs=args.pretrain_epochs)
-    lr = args.finetune_lr if base is not None else args.lr
-    return engine.fit(model, dataset, loss_fn, args, TASK, lr=lr)
+    return common.fit_stage(new_model, base, dataset, loss_fn, args, TASK, pretraining=pretraining)
 
 
 def main(args: argparse.Namespace) -> dict[str, object]:
@@ -247,13 +243,6 @@ OUTPUTS = (
 )
 
 
-def _load_final(run_dir: Path) -> tuple[QualityNet, dict[str, object]]:
-    checkpoint = engine.load_checkpoint(run_dir / "model.pth")
-    model = new_model()
-    model.load_state_dict(checkpoint["model"])
-    return model.eval(), checkpoint
-
-
 def report(args: argparse.Namespace) -> dict[str, Path]:
     run_dir: Path = args.run_dir
     summary = json.loads((run_dir / "metrics.json").read_text())
@@ -301,8 +290,8 @@ def report(args: argparse.Namespace) -> dict[str, Path]:
 
 def _plot_examples(run_dir: Path, path: Path) -> Path:
     """The final model on degraded photos of held-out synthetic subjects (it never saw them)."""
-    model, checkpoint = _load_final(run_dir)
-    args = argparse.Namespace(**checkpoint["args"])  # type: ignore[arg-type]
+    model, checkpoint = common.load_final(run_dir, new_model)
+    args = argparse.Namespace(**checkpoint["args"])
     _, split = common.synthetic_split(TASK, args)
     photos = [
         synthetic_subjects(seed, 1, (EXAM_STAGES[seed % len(EXAM_STAGES)],))[0] for seed in split.test[:12]
@@ -346,7 +335,7 @@ def _plot_focus_vs_blur(real: dict[str, np.ndarray], path: Path) -> Path:
 def export(args: argparse.Namespace) -> export_step.ExportResult:
     from service import measures
 
-    model, checkpoint = _load_final(args.run_dir)
+    model, checkpoint = common.load_final(args.run_dir, new_model)
     summary = json.loads((args.run_dir / "metrics.json").read_text())
     spec = presets.INPUT_SPECS[TASK]
     parity = [prepare(image.image, spec)[0] for image in common.parity_images(args.atlas)]

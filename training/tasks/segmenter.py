@@ -127,17 +127,10 @@ OUTPUTS = (
 )
 
 
-def _load_final(run_dir: Path) -> tuple[LesionSegmenter, dict[str, object]]:
-    checkpoint = engine.load_checkpoint(run_dir / "model.pth")
-    model = LesionSegmenter()
-    model.load_state_dict(checkpoint["model"])
-    return model.eval(), checkpoint
-
-
 def report(args: argparse.Namespace) -> dict[str, Path]:
     run_dir: Path = args.run_dir
     summary = json.loads((run_dir / "metrics.json").read_text())
-    model, checkpoint = _load_final(run_dir)
+    model, checkpoint = common.load_final(run_dir, LesionSegmenter)
     figures: dict[str, reports.FigureSpec] = {
         "examples_synthetic_test": partial(_plot_synthetic_examples, model, checkpoint, summary["threshold"]),
     }
@@ -207,7 +200,7 @@ def _plot_atlas_examples(model: LesionSegmenter, atlas: Path, threshold: float, 
 
 
 def export(args: argparse.Namespace) -> export_step.ExportResult:
-    model, checkpoint = _load_final(args.run_dir)
+    model, checkpoint = common.load_final(args.run_dir, LesionSegmenter)
     summary = json.loads((args.run_dir / "metrics.json").read_text())
     spec = presets.INPUT_SPECS[TASK]
     parity = [prepare(image.image, spec)[0] for image in common.parity_images(args.atlas)]

@@ -159,11 +159,8 @@ def fit_model(
     pos_weight = (len(items) - positives) / max(positives, 1.0)
     transform = partial(severity_sample, lesion_only_rate=args.lesion_only_rate)
     dataset = engine.SampleDataset(items, transform, args.seed)
-    model = common.start_from(base, SeverityNet)
     loss = partial(loss_fn, pos_weight=pos_weight)
-    if pretraining:
-        return engine.fit(model, dataset, loss, args, f"{TASK} pretrain", epochs=args.pretrain_epochs)
-    return engine.fit(model, dataset, loss, args, TASK, lr=args.finetune_lr if base is not None else args.lr)
+    return common.fit_stage(SeverityNet, base, dataset, loss, args, TASK, pretraining=pretraining)
 
 
 @torch.inference_mode()
@@ -296,13 +293,6 @@ get_step_parser = common.get_step_parser
 OUTPUTS = (OutputSpec(name="cin2plus_logit", shape=("batch", 1), description="logit of P(CIN2+)"),)
 
 
-def _load_final(run_dir: Path) -> tuple[SeverityNet, dict[str, object]]:
-    checkpoint = engine.load_checkpoint(run_dir / "model.pth")
-    model = SeverityNet()
-    model.load_state_dict(checkpoint["model"])
-    return model.eval(), checkpoint
-
-
 def report(args: argparse.Namespace) -> dict[str, Path]:
     run_dir: Path = args.run_dir
     summary = json.loads((run_dir / "metrics.json").read_text())
@@ -348,8 +338,8 @@ def report(args: argparse.Namespace) -> dict[str, Path]:
 
 def _plot_examples(run_dir: Path, atlas: Path, path: Path) -> Path:
     """The final model on held-out synthetic subjects: RGB with the lesion channel tinted yellow."""
-    model, checkpoint = _load_final(run_dir)
-    args = argparse.Namespace(**checkpoint["args"])  # type: ignore[arg-type]
+    model, checkpoint = common.load_final(run_dir, SeverityNet)
+    args = argparse.Namespace(**checkpoint["args"])
     _, split = common.synthetic_split(TASK, args)
     photos = [synthetic_subjects(FIRST_SYNTHETIC_SEED + i, 1, (STAGE,))[0] for i in split.test[:16]]
     photos = [photo for photo in photos if photo.labels.cervix_present][:12]
@@ -370,7 +360,7 @@ def _plot_examples(run_dir: Path, atlas: Path, path: Path) -> Path:
 
 
 def export(args: argparse.Namespace) -> export_step.ExportResult:
-    model, checkpoint = _load_final(args.run_dir)
+    model, checkpoint = common.load_final(args.run_dir, SeverityNet)
     summary = json.loads((args.run_dir / "metrics.json").read_text())
     spec = presets.INPUT_SPECS[TASK]
     parity = []
