@@ -29,8 +29,9 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[serve,train,dev]'
 	@touch $@ $(SERVE_STAMP)
 
+# Host, port, models and limits come from CERVIGATE_* variables or a .env file (README: Configuration).
 serve: $(SERVE_STAMP)
-	@echo "make serve: not implemented yet - the REST service is issue #4." >&2; exit 2
+	$(BIN)/python -m service
 
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest

@@ -49,6 +49,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=0.98,
         help="operating point: sensitivity for 'not sharp' on held-out real folds",
     )
+    parser.add_argument(
+        "--balanced-sensitivity",
+        type=float,
+        default=0.95,
+        help="second operating point, the service's default: at 0.98 most sharp photos are sent back",
+    )
+    parser.add_argument(
+        "--max-acetic-recapture",
+        type=float,
+        default=0.10,
+        help="not-acetic threshold: at most this share of held-out acetic-acid crops is called not acetic",
+    )
     return parser
 
 
@@ -206,6 +218,19 @@ def summarise(
             f"highest 'not sharp' score threshold with sensitivity >= {args.target_sensitivity} "
             "on the pooled held-out real folds (the same rule for the CNN and each classical measure)"
         )
+        balanced = metrics.threshold_for_sensitivity(
+            1 - pooled["sharp"][known], scores["cnn"](pooled)[known], args.balanced_sensitivity
+        )
+        summary["cnn_threshold_balanced"] = balanced
+        summary["cnn_real_held_out_balanced"] = metrics.mean_sd_over_folds(
+            [_gate_metrics(h, scores["cnn"](h), balanced) for h in held_out]
+        )
+        summary["cnn_real_pooled_balanced"] = _gate_metrics(pooled, scores["cnn"](pooled), balanced)
+        summary["threshold_rule_balanced"] = (
+            f"highest 'not sharp' score threshold with sensitivity >= {args.balanced_sensitivity} "
+            "on the pooled held-out real folds"
+        )
+        summary.update(_not_acetic_summary(pooled, args.max_acetic_recapture))
         summary["blur_kind_real_held_out"] = _blur_kind_metrics(pooled)
         summary["exam_stage_real_held_out"] = metrics.multiclass_metrics(
             pooled["stage"][pooled["stage"] >= 0],
@@ -220,6 +245,37 @@ def summarise(
     return summary
 
 
+def _not_acetic_summary(pooled: dict[str, np.ndarray], max_acetic_recapture: float) -> dict[str, object]:
+    """Threshold on P(acetic) below which a crop is called "not acetic", and what it does per stage.
+
+    Saline and acetic-acid photos look alike to this head (68 % stage accuracy), so an argmax rule would
+    send back a third of good acetic-acid photos; a threshold bounded on the acetic ones keeps that rare
+    while iodine and green-filter photos, which the head separates well, are still caught.
+    """
+    labelled = pooled["stage"] >= 0
+    p_acetic = _softmax(pooled["stage_logits"][labelled])[:, EXAM_STAGES.index("acetic")]
+    stage = pooled["stage"][labelled]
+    acetic = np.sort(p_acetic[stage == EXAM_STAGES.index("acetic")])
+    if acetic.size == 0:
+        return {}
+    # Calling "not acetic" when P(acetic) < t: t = the k-th lowest acetic score flags fewer than k of them.
+    allowed = int(np.floor(max_acetic_recapture * acetic.size))
+    threshold = float(acetic[min(allowed, acetic.size - 1)])
+    flagged = {
+        name: float(np.mean(p_acetic[stage == index] < threshold))
+        for index, name in enumerate(EXAM_STAGES)
+        if np.any(stage == index)
+    }
+    return {
+        "not_acetic_threshold": threshold,
+        "not_acetic_flagged_real_pooled": flagged,
+        "not_acetic_rule": (
+            f"not acetic when P(acetic) < threshold; the highest threshold that calls at most "
+            f"{max_acetic_recapture:.0%} of pooled held-out acetic-acid crops not acetic"
+        ),
+    }
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
@@ -232,7 +288,12 @@ def _blur_kind_metrics(out: dict[str, np.ndarray]) -> dict:
     return metrics.multiclass_metrics(out["blur_kind"][blurred] - 1, probabilities, list(BLUR_KINDS[1:]))
 
 
-get_step_parser = common.get_step_parser
+CHANGELOG = (
+    "1.0.0: first release.",
+    "1.1.0: same network; adds the balanced focus operating point (not_sharp_balanced) and the "
+    "not_acetic threshold, both chosen on held-out real folds.",
+)
+get_step_parser = partial(common.get_step_parser, version=CHANGELOG[-1].split(":")[0])
 
 OUTPUTS = (
     OutputSpec(name="sharp_logit", shape=("batch", 1), description="logit of P(sharp enough to assess)"),
@@ -349,6 +410,8 @@ def export(args: argparse.Namespace) -> export_step.ExportResult:
             labels={"blur_kind_logits": list(BLUR_KINDS), "stage_logits": list(EXAM_STAGES)},
             thresholds={
                 "not_sharp": float(summary.get("cnn_threshold", 0.5)),  # on 1 - P(sharp)
+                "not_sharp_balanced": float(summary.get("cnn_threshold_balanced", 0.5)),
+                "not_acetic": float(summary.get("not_acetic_threshold", 0.0)),  # on P(acetic)
                 "dark_max": measures.DARK_MAX,
                 "over_min": measures.OVER_MIN,
                 "white_luma": measures.WHITE_LUMA,
@@ -357,7 +420,11 @@ def export(args: argparse.Namespace) -> export_step.ExportResult:
             },
             extra={
                 "crop_margin": presets.CROP_MARGIN,
-                "not_sharp_score": "1 - sigmoid(sharp_logit); not sharp when >= thresholds.not_sharp",
+                "not_sharp_score": (
+                    "1 - sigmoid(sharp_logit); not sharp when >= thresholds.not_sharp (high-sensitivity "
+                    "operating point) or thresholds.not_sharp_balanced (the service's default)"
+                ),
+                "not_acetic_score": "softmax(stage_logits)[acetic]; not acetic when < thresholds.not_acetic",
             },
             metrics=summary,
             training_data=common.training_data_summary(TASK, checkpoint),
@@ -371,7 +438,7 @@ def export(args: argparse.Namespace) -> export_step.ExportResult:
                 "scenes; real field blur, unusual devices or lighting may differ. Exposure and glare "
                 "use the classical measures whose thresholds are listed here."
             ),
-            changelog=[f"{args.version}: first release."],
+            changelog=list(CHANGELOG),
         ),
         args.models_dir / TASK,
         parity_inputs=parity,

@@ -1,0 +1,391 @@
+"""The FastAPI app: an app factory, models loaded once in the lifespan, thin routes.
+
+Run it with `make serve` or `python -m service`; configure it with `CERVIGATE_*` variables (service.settings).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Annotated, Any
+
+import anyio
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi.openapi.utils import get_openapi
+from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service import review
+from service.decoding import register_heif
+from service.pipeline import Assessment, Pipeline
+from service.problems import PROBLEM_MEDIA_TYPE, ProblemError, install_problem_handlers, problem_response
+from service.reasons import ADVICE, MESSAGES, negotiate_language
+from service.runtime import ModelSet, load_models
+from service.schemas import (
+    EXAMPLE_ASSESSMENT,
+    AssessmentOut,
+    CervixOut,
+    DiagnosisOut,
+    HealthOut,
+    LesionOut,
+    ModelOut,
+    ModelsOut,
+    Problem,
+    QualityOut,
+    ReasonOut,
+)
+from service.settings import Settings
+from service.telemetry import Metrics, ObservabilityMiddleware
+from service.uploads import IMAGE_FIELD, read_image
+
+# Per model, the held-out figures /v1/models shows (dotted paths into the manifest's metrics).
+HEADLINE_METRICS = {
+    "detector": ("real_split", "real_pooled.recall", "real_pooled.specificity", "real_pooled.roc_auc"),
+    "quality": (
+        "real_split",
+        "cnn_real_pooled_balanced.sensitivity",
+        "cnn_real_pooled_balanced.specificity",
+        "cnn_real_pooled.sensitivity",
+        "cnn_real_pooled.specificity",
+        "cnn_real_pooled.roc_auc",
+        "exam_stage_real_held_out.accuracy",
+    ),
+    "segmenter": (
+        "real_split",
+        "synthetic_split",
+        "synthetic_test.mean_dice_lesion",
+        "synthetic_test_pixel_roc_auc",
+    ),
+    "severity": (
+        "real_split",
+        "voting_real_pooled.roc_auc",
+        "voting_real_pooled_roc_auc_ci.low",
+        "voting_real_pooled_roc_auc_ci.high",
+        "voting_real_pooled.sensitivity",
+        "voting_real_pooled.specificity",
+    ),
+}
+INCLUDE_PATTERN = r"^(mask|overlay)(,(mask|overlay))*$"
+_IMAGE_BODY: dict[str, Any] = {"schema": {"type": "string", "format": "binary"}}
+UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": f"the photo: multipart field `{IMAGE_FIELD}`, or the raw bytes with an image/* type",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [IMAGE_FIELD],
+                    "properties": {IMAGE_FIELD: {"type": "string", "format": "binary"}},
+                }
+            },
+            "image/jpeg": _IMAGE_BODY,
+            "image/png": _IMAGE_BODY,
+            "image/webp": _IMAGE_BODY,
+            "image/heic": _IMAGE_BODY,
+            "application/octet-stream": _IMAGE_BODY,
+        },
+    }
+}
+
+
+def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    described = {
+        400: "empty upload or malformed multipart",
+        401: "missing API key",
+        413: "upload or pixel count over the limit",
+        415: "content type or image format not accepted",
+        422: "not a usable image, missing field or invalid parameter",
+        503: "overloaded (with Retry-After) or not ready",
+    }
+    schema = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    return {s: {"description": described[s], "content": {PROBLEM_MEDIA_TYPE: schema}} for s in statuses}
+
+
+_EXAMPLE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/json": {"example": EXAMPLE_ASSESSMENT}}}
+}
+
+
+class Admission:
+    """Bounds admitted requests (reading, queued and running); beyond the bound, sheds load with 503."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.max_inflight, self.retry_after = settings.max_inflight, settings.retry_after_s
+        self.metrics = metrics
+        self.inflight = 0  # one event loop: no lock needed
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.inflight >= self.max_inflight:
+            raise ProblemError(
+                503,
+                "overloaded",
+                "the service is at capacity; retry after the delay in Retry-After",
+                headers={"Retry-After": str(self.retry_after)},
+            )
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            self.metrics.inflight.dec()
+
+
+class AssessmentService:
+    """What a request needs once the app is ready: the pipeline, the bounds, the metrics."""
+
+    def __init__(self, settings: Settings, models: ModelSet, metrics: Metrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.pipeline = Pipeline(models, settings)
+        self.admission = Admission(settings, metrics)
+        self.limiter = anyio.CapacityLimiter(settings.inference_workers)
+        self.versions = {model.manifest.name: model.manifest.version for model in models}
+
+    def warm_up(self) -> None:
+        """One pass through every stage, so the first real request pays no first-run costs."""
+        side = max(512, self.settings.min_image_side)
+        photo = np.full((side, side, 3), 128, dtype=np.uint8)
+        photo[side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = (210, 120, 120)
+        if side * side <= self.settings.max_pixels:
+            buffer = io.BytesIO()
+            Image.fromarray(photo).save(buffer, "JPEG")
+            self.pipeline.assess(buffer.getvalue(), diagnose=True)
+        self.pipeline.classify(self.pipeline.segment(photo))
+
+    async def handle(
+        self, request: Request, response: Response, *, diagnose: bool, language: str, include: set[str]
+    ) -> AssessmentOut:
+        async with self.admission.slot():
+            data = await read_image(request, self.settings.max_upload_bytes, self.settings.upload_timeout_s)
+            run = partial(self.assess_and_render, data, diagnose=diagnose, include=include)
+            assessment, review_images = await anyio.to_thread.run_sync(run, limiter=self.limiter)
+        self.metrics.observe_stages(assessment.timings_ms)
+        self.metrics.observe_decision(assessment.decision, (r.value for r in assessment.reasons))
+        request.state.log_fields = {
+            "decision": assessment.decision,
+            "reasons": [r.value for r in assessment.reasons],
+            "timings_ms": {k: round(v, 2) for k, v in assessment.timings_ms.items()},
+        }
+        response.headers["Content-Language"] = language
+        response.headers["Vary"] = "Accept-Language"
+        return self.to_response(assessment, request.state.request_id, language, review_images)
+
+    def assess_and_render(self, data: bytes, *, diagnose: bool, include: set[str]) -> tuple[Assessment, dict]:
+        """The pipeline, then the review images asked for: all CPU work, run in a worker thread."""
+        assessment = self.pipeline.assess(data, diagnose=diagnose)
+        images: dict[str, str] = {}
+        lesion, crop_rgb, threshold = assessment.lesion, assessment.crop_rgb, self.pipeline.rules.lesion
+        if lesion is not None and crop_rgb is not None:
+            if "mask" in include:
+                images["mask_png"] = review.mask_png(lesion.probability, threshold)
+            if "overlay" in include:
+                images["overlay_jpeg"] = review.overlay_jpeg(crop_rgb, lesion.probability, threshold)
+        return assessment, images
+
+    def to_response(
+        self, a: Assessment, request_id: str, language: str, review_images: dict
+    ) -> AssessmentOut:
+        q, lesion, d = a.quality, a.lesion, a.diagnosis
+        return AssessmentOut(
+            id=request_id,
+            decision=a.decision,
+            reasons=[ReasonOut(code=r, message=MESSAGES[language][r]) for r in a.reasons],
+            advice=ADVICE[language][a.reasons[0]] if a.reasons else None,
+            cervix=CervixOut(
+                found=a.detection.found,
+                score=round(a.detection.score, 4),
+                box=[round(v) for v in a.detection.box] if a.detection.box else None,
+            ),
+            quality=None
+            if q is None
+            else QualityOut(
+                sharpness=round(q.sharpness, 4),
+                blur_kind=q.blur_kind,  # type: ignore[arg-type]
+                exposure=q.exposure,  # type: ignore[arg-type]
+                glare_fraction=round(q.glare_fraction, 4),
+                exam_stage=q.exam_stage,  # type: ignore[arg-type]
+            ),
+            lesion=None
+            if lesion is None or a.region is None
+            else LesionOut(
+                area_fraction=round(lesion.area_fraction, 4), region=list(a.region), **review_images
+            ),
+            diagnosis=None
+            if d is None
+            else DiagnosisOut(label=d.label, probability=round(d.probability, 4), referral=d.referral),
+            models=self.versions,
+            timings_ms={k: round(v, 2) for k, v in a.timings_ms.items()},
+        )
+
+
+# --- dependencies ------------------------------------------------------------------------------------
+
+
+def get_service(request: Request) -> AssessmentService:
+    service: AssessmentService | None = getattr(request.app.state, "service", None)
+    if service is None or not request.app.state.ready:
+        raise ProblemError(
+            503, "not_ready", "the models are still loading; retry shortly", {"Retry-After": "1"}
+        )
+    return service
+
+
+def get_language(accept_language: Annotated[str | None, Header()] = None) -> str:
+    return negotiate_language(accept_language)
+
+
+def get_include(
+    include: Annotated[
+        str | None,
+        Query(
+            pattern=INCLUDE_PATTERN, description="comma-separated extras: mask (lesion PNG), overlay (JPEG)"
+        ),
+    ] = None,
+) -> set[str]:
+    return set(include.split(",")) if include else set()
+
+
+ServiceDep = Annotated[AssessmentService, Depends(get_service)]
+LanguageDep = Annotated[str, Depends(get_language)]
+IncludeDep = Annotated[set[str], Depends(get_include)]
+
+# --- routes --------------------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+@router.post(
+    "/v1/assess",
+    summary="Full assessment: recapture (with reasons and advice) or a diagnosis",
+    response_model=AssessmentOut,
+    responses=_problems(400, 413, 415, 422, 503) | _EXAMPLE_RESPONSE,
+    openapi_extra=UPLOAD_BODY,
+)
+async def assess(
+    request: Request, response: Response, service: ServiceDep, language: LanguageDep, include: IncludeDep
+) -> AssessmentOut:
+    return await service.handle(request, response, diagnose=True, language=language, include=include)
+
+
+@router.post(
+    "/v1/quality",
+    summary="Fast capture gate for preview frames: detect, crop, quality checks; no diagnosis",
+    response_model=AssessmentOut,
+    responses=_problems(400, 413, 415, 422, 503),
+    openapi_extra=UPLOAD_BODY,
+)
+async def quality(
+    request: Request, response: Response, service: ServiceDep, language: LanguageDep
+) -> AssessmentOut:
+    return await service.handle(request, response, diagnose=False, language=language, include=set())
+
+
+@router.get(
+    "/v1/models",
+    summary="The loaded models, their thresholds and held-out metrics",
+    response_model=ModelsOut,
+    responses=_problems(503),
+)
+async def models(service: ServiceDep) -> ModelsOut:
+    return ModelsOut(models=[_model_out(model.manifest) for model in service.pipeline.models])
+
+
+@router.get("/healthz", summary="Liveness: the process answers", response_model=HealthOut)
+async def healthz() -> HealthOut:
+    return HealthOut(status="ok")
+
+
+@router.get("/readyz", summary="Readiness: models loaded and warmed up", response_model=HealthOut,
+            responses=_problems(503))  # fmt: skip
+async def readyz(request: Request) -> Any:
+    if not request.app.state.ready:
+        return problem_response(
+            request, 503, "not_ready", "models are loading or the service is shutting down"
+        )
+    return HealthOut(status="ready")
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _model_out(manifest: Any) -> ModelOut:
+    headline: dict[str, object] = {}
+    for path in HEADLINE_METRICS.get(manifest.name, ()):
+        value: Any = manifest.metrics
+        for key in path.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            headline[path] = value
+    return ModelOut(
+        name=manifest.name,
+        version=manifest.version,
+        sha256=manifest.sha256,
+        input=manifest.input.model_dump(),
+        thresholds=manifest.thresholds,
+        headline_metrics=headline,
+        intended_use=manifest.intended_use,
+        limitations=manifest.limitations,
+        changelog=manifest.changelog,
+    )
+
+
+# --- the app -----------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    register_heif()
+    models = await anyio.to_thread.run_sync(load_models, settings)  # verifies every sha256
+    service = AssessmentService(settings, models, app.state.metrics)
+    await anyio.to_thread.run_sync(service.warm_up)
+    for model in models:
+        app.state.metrics.model_info.labels(model.manifest.name, model.manifest.version).set(1)
+    app.state.service = service
+    app.state.ready = True
+    app.state.metrics.ready.set(1)
+    try:
+        yield
+    finally:
+        app.state.ready = False
+        app.state.metrics.ready.set(0)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(
+        title="CerviGate",
+        version="0.1.0",
+        summary="Capture-time quality gate and reference CIN2+ assessment for smartphone colposcopy.",
+        description="Research software, not a medical device. "
+        "Errors are RFC 9457 problem+json with a stable `code`.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.ready = False
+    app.state.service = None
+    app.include_router(router)
+    install_problem_handlers(app)
+    # Metric labels only ever take these values (or "other"), so a scanner cannot explode cardinality.
+    known_paths = {getattr(route, "path", "") for route in router.routes} | {"/docs", "/openapi.json"}
+    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics, known_paths=known_paths)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                                 description=app.description, routes=app.routes)  # fmt: skip
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

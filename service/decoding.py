@@ -1,0 +1,173 @@
+"""Request-time decoding: check an upload before paying for it, then decode only the pixels needed.
+
+A 12 MP phone JPEG costs about five times more to decode at full size than at 1/4 scale (libjpeg's DCT
+scaling), and the detector only needs 192 px. So JPEGs are decoded at the smallest DCT scale that keeps
+`decode_min_side`; if the cervix then turns out too small in those pixels for the focus check (which must
+not judge an upsampled crop), the crop is decoded again at full resolution.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from service.imaging import exif_orientation, to_rgb
+
+# Pillow format name -> media type. MPO is what many phones write: a JPEG with extra frames (depth, preview).
+SUPPORTED_FORMATS = {
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "HEIF": "image/heif",
+}
+_DCT_SCALED = {"JPEG", "MPO"}
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+# Every upload's pixel count is checked against the service's own limit before decoding, so Pillow's
+# warning for large images is noise here (its hard error above twice its limit still applies).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Pillow's debug log prints EXIF values (a clinic app may put a patient's name there): never let it through.
+logging.getLogger("PIL").setLevel(logging.INFO)
+
+
+def register_heif() -> None:
+    """Teach Pillow HEIC/HEIF (iPhones' default format). Idempotent."""
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+
+
+class UploadRejected(ValueError):
+    """An upload the service will not decode; `code` and `status` become the problem response."""
+
+    code = "undecodable_image"
+    status = 422
+
+
+class UnsupportedImageType(UploadRejected):
+    code = "unsupported_image_type"
+    status = 415
+
+
+class TooManyPixels(UploadRejected):
+    code = "too_many_pixels"
+    status = 413
+
+
+class ImageTooSmall(UploadRejected):
+    code = "image_too_small"
+    status = 422
+
+
+class AnimatedImage(UploadRejected):
+    code = "animated_image"
+    status = 422
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_pixels: int
+    min_side: int
+    decode_min_side: int
+
+
+@dataclass
+class DecodedImage:
+    """An upright RGB image, possibly at reduced scale, that can still give full-resolution crops."""
+
+    rgb: np.ndarray  # HxWx3 uint8, upright, `scale` times the original size
+    original_size: tuple[int, int]  # (width, height) of the upright full-resolution image
+    media_type: str
+    _data: bytes = field(repr=False)
+    _full: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def scale(self) -> float:
+        return self.rgb.shape[1] / self.original_size[0]
+
+    def region(self, box: tuple[int, int, int, int], min_side: int) -> np.ndarray:
+        """Pixels of `box` (original coordinates), at the decoded scale when that keeps `min_side`
+        pixels on the box's short side, else from a full-resolution decode."""
+        x0, y0, x1, y1 = box
+        if self.scale >= 1.0 or min(x1 - x0, y1 - y0) * self.scale >= min_side:
+            s = self.scale
+            return self.rgb[round(y0 * s) : max(round(y1 * s), round(y0 * s) + 1),
+                            round(x0 * s) : max(round(x1 * s), round(x0 * s) + 1)]  # fmt: skip
+        if self._full is None:
+            self._full, _, _ = _decode(self._data, draft_side=None)
+        return self._full[y0:y1, x0:x1]
+
+
+def decode_upload(data: bytes, limits: DecodeLimits) -> DecodedImage:
+    """Validate and decode an upload, refusing unsupported, oversized and animated images before decoding."""
+    with _open(data) as image:
+        media_type = SUPPORTED_FORMATS.get(image.format or "")
+        if media_type is None:
+            raise UnsupportedImageType(
+                f"{image.format or 'this'} images are not accepted; send JPEG, PNG, WebP or HEIC"
+            )
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            raise TooManyPixels(
+                f"the image is {width}x{height} pixels, more than the {limits.max_pixels} allowed; "
+                "send the photo at a lower resolution"
+            )
+        if min(width, height) < limits.min_side:
+            raise ImageTooSmall(
+                f"the image is {width}x{height} pixels; send a photo at least {limits.min_side} pixels "
+                "on its short side"
+            )
+        if image.format != "MPO" and getattr(image, "n_frames", 1) > 1:
+            raise AnimatedImage("animated images are not accepted; send a single photo")
+    rgb, orientation, drafted = _decode(data, draft_side=limits.decode_min_side)
+    upright_size = (height, width) if orientation in _SWAPS_AXES else (width, height)
+    full = None if drafted else rgb
+    factor = min(rgb.shape[:2]) // limits.decode_min_side
+    if factor >= 2:  # still far more pixels than the whole-photo stage needs: a cheap box reduction
+        rgb = np.asarray(Image.fromarray(rgb).reduce(factor))
+    return DecodedImage(rgb=rgb, original_size=upright_size, media_type=media_type, _data=data, _full=full)
+
+
+def _formats() -> list[str]:
+    """Pillow plugins allowed to parse untrusted bytes: the accepted formats, plus a few common ones
+    recognised only to be refused by name (415) rather than as undecodable."""
+    wanted = (*SUPPORTED_FORMATS, "GIF", "BMP", "TIFF", "ICO", "JPEG2000")
+    Image.init()
+    return [name for name in wanted if name in Image.OPEN]
+
+
+def _open(data: bytes) -> Image.Image:
+    if not data:
+        raise UploadRejected("the upload is empty; attach the photo")
+    try:
+        return Image.open(io.BytesIO(data), formats=_formats())
+    except Image.DecompressionBombError as error:
+        raise TooManyPixels(f"{error}; send the photo at a lower resolution") from error
+    except Exception as error:  # any parser failure on untrusted bytes is the client's problem, not a 500
+        raise UploadRejected(
+            "the upload is not a readable image; send a JPEG, PNG, WebP or HEIC photo"
+        ) from error
+
+
+def _decode(data: bytes, draft_side: int | None) -> tuple[np.ndarray, int, bool]:
+    """Upright RGB pixels, the EXIF orientation applied, and whether JPEG DCT scaling reduced them."""
+    try:
+        with Image.open(io.BytesIO(data), formats=_formats()) as image:
+            header_size = image.size
+            if draft_side is not None and image.format in _DCT_SCALED:
+                image.draft("RGB", (draft_side, draft_side))
+            drafted = image.size != header_size
+            orientation = exif_orientation(image)
+            return np.asarray(to_rgb(image, orientation)), orientation, drafted
+    except MemoryError:
+        raise
+    except Exception as error:  # truncated data, corrupt chunks, codec errors: all the client's file
+        raise UploadRejected(
+            f"the image could not be decoded ({type(error).__name__}); it may be truncated or corrupt: "
+            "take or send the photo again"
+        ) from error

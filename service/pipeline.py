@@ -1,0 +1,311 @@
+"""The assessment pipeline: decode -> detect -> crop -> quality checks -> segment -> classify.
+
+Each stage is a method with a named, typed output; `Pipeline.assess` is the one place they are composed
+and the one place that decides "recapture" or "diagnosis". Every stage reads its preprocessing and
+thresholds from its model's manifest, so the service does exactly what was measured.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from service import measures
+from service.decoding import DecodedImage, DecodeLimits, decode_upload
+from service.preprocess import crop_box, fit, normalize, prepare
+from service.reasons import Reason, ordered
+from service.runtime import ModelSet
+from service.settings import Settings
+from service.voting import variant_batch, voting_variants, weighted_vote
+
+Box = tuple[float, float, float, float]
+Region = tuple[int, int, int, int]
+STAGES = ("decode", "detect", "quality", "segment", "classify")
+_EDGE_TOLERANCE = 0.02  # a box within 2 % of the frame's size from an edge touches it
+
+
+@dataclass(frozen=True)
+class Detection:
+    found: bool
+    score: float
+    box: Box | None  # x0, y0, x1, y1 in pixels of the upright original image
+
+
+@dataclass(frozen=True)
+class Quality:
+    sharpness: float  # P(sharp), 0..1
+    not_sharp: bool
+    blur_kind: str  # none | defocus | motion (argmax of the blur-kind head)
+    exposure: str  # ok | dark | over
+    luma: float
+    glare_fraction: float
+    exam_stage: str
+    p_acetic: float
+
+
+@dataclass(frozen=True)
+class Lesion:
+    area_fraction: float  # of the cervix region
+    probability: np.ndarray  # HxW uint8 (P x 255) over the cervix region, at the segmenter's resolution
+    fitted_rgb: np.ndarray  # the letterboxed crop both the segmenter and the severity model saw
+    lesion_channel: np.ndarray  # HxW uint8 (P x 255), aligned with fitted_rgb (padding included)
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    probability: float  # P(CIN2+), weighted vote over the manifest's variants
+    referral: bool
+
+    @property
+    def label(self) -> Literal["cin2plus", "negative_or_cin1"]:
+        return "cin2plus" if self.referral else "negative_or_cin1"
+
+
+@dataclass
+class Assessment:
+    reasons: list[Reason]
+    image_size: tuple[int, int]
+    detection: Detection
+    region: Region | None = None
+    crop_rgb: np.ndarray | None = field(default=None, repr=False)
+    quality: Quality | None = None
+    lesion: Lesion | None = None
+    diagnosis: Diagnosis | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def decision(self) -> Literal["recapture", "diagnosis", "accept"]:
+        if self.reasons:
+            return "recapture"
+        return "diagnosis" if self.diagnosis is not None else "accept"
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Every threshold a decision uses, read once from the manifests (and the few product settings)."""
+
+    cervix_present: float
+    not_sharp: float
+    not_acetic: float
+    exposure: measures.ExposureRule
+    glare_max: float
+    lesion: float
+    cin2plus: float
+    crop_margin: float
+    min_area_fraction: float
+    min_crop_px: int
+    cut_off_max_extent: float
+
+    @classmethod
+    def from_models(cls, models: ModelSet, settings: Settings) -> Rules:
+        quality = models.quality.manifest.thresholds
+        focus_key = "not_sharp_balanced" if settings.focus_operating_point == "balanced" else "not_sharp"
+        return cls(
+            cervix_present=models.detector.manifest.thresholds["cervix_present"],
+            not_sharp=quality[focus_key],
+            not_acetic=quality["not_acetic"],
+            exposure=measures.ExposureRule(
+                dark_max=quality["dark_max"],
+                over_min=quality["over_min"],
+                white_luma=quality["white_luma"],
+                over_white_max=quality["over_white_max"],
+            ),
+            glare_max=quality["glare_max"],
+            lesion=models.segmenter.manifest.thresholds["lesion"],
+            cin2plus=models.severity.manifest.thresholds["cin2plus"],
+            crop_margin=float(models.quality.manifest.extra["crop_margin"]),  # type: ignore[arg-type]
+            min_area_fraction=settings.min_cervix_area_fraction,
+            min_crop_px=settings.min_cervix_crop_px,
+            cut_off_max_extent=settings.cut_off_max_extent,
+        )
+
+
+class Pipeline:
+    def __init__(self, models: ModelSet, settings: Settings) -> None:
+        self.models = models
+        self.rules = Rules.from_models(models, settings)
+        self.limits = DecodeLimits(settings.max_pixels, settings.min_image_side, settings.decode_min_side)
+        voting = models.severity.manifest.extra["voting"]
+        assert isinstance(voting, dict), "severity manifest: extra.voting must be a mapping"
+        self.voting_order: list[str] = list(voting["order"])
+        self.voting_weights: dict[str, float] = dict(voting["weights"])
+        self.voting_brightness: dict[str, float] = dict(voting["brightness"])
+        self.stage_labels: list[str] = models.quality.manifest.labels["stage_logits"]
+        self.blur_labels: list[str] = models.quality.manifest.labels["blur_kind_logits"]
+
+    # --- the composition -------------------------------------------------------------------------
+
+    def assess(self, data: bytes, *, diagnose: bool) -> Assessment:
+        """The whole chain for one upload; stops at the first stage that asks for a recapture.
+
+        `diagnose=False` is the preview gate: detect, crop and quality checks only.
+        Raises `service.decoding.UploadRejected` for uploads that are not a usable image.
+        """
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        with _timed(timings, "decode"):
+            image = decode_upload(data, self.limits)
+        with _timed(timings, "detect"):
+            detection = self.detect(image)
+        result = Assessment(
+            reasons=[], image_size=image.original_size, detection=detection, timings_ms=timings
+        )
+        if detection.box is None:
+            result.reasons = [self.unseen_cervix_reason(image.rgb)]
+            return _finish(result, started)
+        result.region = self.region(detection.box, image.original_size)
+        result.reasons = framing_reasons(detection.box, image.original_size, self.rules)
+        with _timed(timings, "decode"):  # a full-resolution re-decode, when the crop needs one, is decoding
+            result.crop_rgb = image.region(result.region, self.models.quality.manifest.input.width)
+        with _timed(timings, "quality"):
+            result.quality = self.check_quality(result.crop_rgb)
+        result.reasons = ordered(set(result.reasons) | quality_reasons(result.quality, self.rules))
+        if result.reasons or not diagnose:
+            return _finish(result, started)
+        with _timed(timings, "segment"):
+            result.lesion = self.segment(result.crop_rgb)
+        with _timed(timings, "classify"):
+            result.diagnosis = self.classify(result.lesion)
+        return _finish(result, started)
+
+    # --- stages ------------------------------------------------------------------------------------
+
+    def detect(self, image: DecodedImage) -> Detection:
+        model = self.models.detector
+        tensor, placement = prepare(image.rgb, model.manifest.input)
+        outputs = model.run(tensor)
+        score = float(_sigmoid(outputs["cervix_logit"][0, 0]))
+        if score < self.rules.cervix_present:
+            return Detection(found=False, score=score, box=None)
+        spec = model.manifest.input
+        cx, cy, w, h = (float(v) for v in outputs["box"][0])
+        in_input = ((cx - w / 2) * spec.width, (cy - h / 2) * spec.height,
+                    (cx + w / 2) * spec.width, (cy + h / 2) * spec.height)  # fmt: skip
+        x0, y0, x1, y1 = (v / image.scale for v in placement.to_source(in_input))
+        width, height = image.original_size
+        box = (max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1))
+        if box[2] - box[0] < 1 or box[3] - box[1] < 1:  # a degenerate box is no cervix to crop
+            return Detection(found=False, score=score, box=None)
+        return Detection(found=True, score=score, box=box)
+
+    def unseen_cervix_reason(self, rgb: np.ndarray) -> Reason:
+        """Why no cervix was found: a photo too dark or too bright to show one is a lighting problem,
+        and the advice must say so rather than ask to aim the camera."""
+        exposure, _ = measures.measure_exposure(rgb, self.rules.exposure)
+        return {"dark": Reason.TOO_DARK, "over": Reason.OVEREXPOSED}.get(exposure, Reason.NO_CERVIX)
+
+    def region(self, box: Box, size: tuple[int, int]) -> Region:
+        """The cervix crop the crop-level models see, in original pixels (as in training)."""
+        return crop_box(box, size[0], size[1], self.rules.crop_margin)
+
+    def check_quality(self, crop_rgb: np.ndarray) -> Quality:
+        model = self.models.quality
+        tensor, _ = prepare(crop_rgb, model.manifest.input)
+        outputs = model.run(tensor)
+        sharpness = float(_sigmoid(outputs["sharp_logit"][0, 0]))
+        stage_p = _softmax(outputs["stage_logits"][0])
+        exposure, luma = measures.measure_exposure(crop_rgb, self.rules.exposure)
+        return Quality(
+            sharpness=sharpness,
+            not_sharp=(1.0 - sharpness) >= self.rules.not_sharp,
+            blur_kind=self.blur_labels[int(np.argmax(outputs["blur_kind_logits"][0]))],
+            exposure=exposure,
+            luma=luma,
+            glare_fraction=measures.measure_glare(crop_rgb),
+            exam_stage=self.stage_labels[int(np.argmax(stage_p))],
+            p_acetic=float(stage_p[self.stage_labels.index("acetic")]),
+        )
+
+    def segment(self, crop_rgb: np.ndarray) -> Lesion:
+        model = self.models.segmenter
+        spec = model.manifest.input
+        fitted, placement = fit(crop_rgb, spec)
+        logits = model.run(normalize(fitted, spec))["lesion_logits"][0, 0]
+        channel = np.round(_sigmoid(logits) * 255.0).astype(np.uint8)  # exactly as the severity model trained
+        # The crop's own pixels inside the letterbox: area and mask exclude the padding.
+        left, top = round(placement.pad_x), round(placement.pad_y)
+        right = left + max(1, round(crop_rgb.shape[1] * placement.scale_x))
+        bottom = top + max(1, round(crop_rgb.shape[0] * placement.scale_y))
+        inside = channel[top:bottom, left:right]
+        threshold = self.rules.lesion * 255.0
+        return Lesion(
+            area_fraction=float(np.mean(inside >= threshold)),
+            probability=inside,
+            fitted_rgb=fitted,
+            lesion_channel=channel,
+        )
+
+    def classify(self, lesion: Lesion) -> Diagnosis:
+        model = self.models.severity
+        variants = voting_variants(lesion.fitted_rgb, lesion.lesion_channel, self.voting_brightness)
+        batch = variant_batch(variants, self.voting_order, model.manifest.input)
+        logits = model.run(batch)["cin2plus_logit"][:, 0]
+        by_variant = dict(zip(self.voting_order, _sigmoid(logits).tolist(), strict=True))
+        probability = weighted_vote(by_variant, self.voting_weights)
+        return Diagnosis(probability=probability, referral=probability >= self.rules.cin2plus)
+
+
+# --- decision rules: pure functions of model outputs and thresholds -------------------------------------
+
+
+def framing_reasons(box: Box, size: tuple[int, int], rules: Rules) -> list[Reason]:
+    width, height = size
+    x0, y0, x1, y1 = box
+    reasons = []
+    if _cut_off(x0, x1, width, rules) or _cut_off(y0, y1, height, rules):
+        reasons.append(Reason.CERVIX_CUT_OFF)
+    too_small_area = (x1 - x0) * (y1 - y0) < rules.min_area_fraction * width * height
+    if too_small_area or min(x1 - x0, y1 - y0) < rules.min_crop_px:
+        reasons.append(Reason.CERVIX_TOO_SMALL)
+    return reasons
+
+
+def _cut_off(low: float, high: float, size: int, rules: Rules) -> bool:
+    """The cervix runs into one edge of the frame but not the opposite one, and is short along that
+    axis: the frame cut it. A cervix touching both edges (filling the frame) is close-up, not cut."""
+    tolerance = _EDGE_TOLERANCE * size
+    touches_low, touches_high = low <= tolerance, high >= size - tolerance
+    return touches_low != touches_high and (high - low) < rules.cut_off_max_extent * size
+
+
+def quality_reasons(quality: Quality, rules: Rules) -> set[Reason]:
+    reasons = set()
+    if quality.exposure == "dark":
+        reasons.add(Reason.TOO_DARK)
+    elif quality.exposure == "over":
+        reasons.add(Reason.OVEREXPOSED)
+    if quality.glare_fraction > rules.glare_max:
+        reasons.add(Reason.GLARE)
+    if quality.not_sharp:
+        reasons.add(Reason.MOTION_BLUR if quality.blur_kind == "motion" else Reason.OUT_OF_FOCUS)
+    if quality.p_acetic < rules.not_acetic:
+        reasons.add(Reason.NOT_ACETIC)
+    return reasons
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - started) * 1000.0
+
+
+def _finish(result: Assessment, started: float) -> Assessment:
+    result.timings_ms["total"] = (time.perf_counter() - started) * 1000.0
+    return result
+
+
+def _sigmoid(x: np.ndarray | float) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max())
+    return shifted / shifted.sum()

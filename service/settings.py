@@ -1,0 +1,86 @@
+"""All configuration, from `CERVIGATE_*` environment variables (or a `.env` file), in one place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CERVIGATE_", env_file=".env", extra="ignore")
+
+    # Where to listen (`python -m service`, `make serve`).
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Models and ONNX Runtime.
+    models_dir: Path = Field(
+        default=REPO_MODELS_DIR, description="holds detector/, quality/, segmenter/, severity/"
+    )
+    providers: list[str] = Field(
+        default=["CPUExecutionProvider"],
+        description='ONNX Runtime execution providers in order of preference, e.g. ["CUDAExecutionProvider", '
+        '"CPUExecutionProvider"] with the onnxruntime-gpu build',
+    )
+    intra_op_threads: int = Field(
+        default=1, ge=0, description="threads per model run; 0 = ONNX Runtime's default"
+    )
+    inference_workers: int = Field(
+        default=max(1, os.cpu_count() or 1),
+        ge=1,
+        description="requests processed at once; the rest wait in the queue",
+    )
+    max_inflight: int = Field(
+        default=32, ge=1, description="requests admitted (processing + queued); more are shed with 503"
+    )
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After sent with a 503")
+
+    # Input limits.
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="larger uploads get 413")
+    max_pixels: int = Field(
+        default=50_000_000,
+        ge=1,
+        description="width x height above this gets 413 (50 MP phones' full mode fits)",
+    )
+    upload_timeout_s: float = Field(
+        default=30.0, gt=0, description="a request body not received within this gets 408"
+    )
+    min_image_side: int = Field(default=64, ge=1, description="images with a shorter side get 422")
+    decode_min_side: int = Field(
+        default=600,
+        ge=64,
+        description="JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) keeping this short side",
+    )
+
+    # Decision rules that are product choices rather than model properties.
+    focus_operating_point: Literal["balanced", "high_sensitivity"] = Field(
+        default="balanced",
+        description="which 'not sharp' threshold of the quality manifest to use (see README)",
+    )
+    min_cervix_area_fraction: float = Field(
+        default=1 / 16,
+        gt=0,
+        lt=1,
+        description="a cervix box smaller than this share of the photo (a quarter of its width times a "
+        "quarter of its height): cervix_too_small",
+    )
+    min_cervix_crop_px: int = Field(
+        default=128,
+        ge=1,
+        description="a cervix narrower than this many original pixels (half the quality model's input: "
+        "more upsampling and focus cannot be judged): cervix_too_small",
+    )
+    cut_off_max_extent: float = Field(
+        default=0.6,
+        gt=0,
+        le=1,
+        description="a cervix touching one frame edge (not the opposite one) and spanning less than this "
+        "share of the frame along that axis: cervix_cut_off",
+    )
