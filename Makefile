@@ -53,8 +53,10 @@ models: $(DEV_STAMP)
 		rm -rf models/$$task/report && cp -r $(RUNS)/$$task/report models/$$task/report; \
 	done
 
+# CerviGate over HTTP vs a naive PyTorch service vs the decode + inference floor, interleaved in one run:
+# writes bench/out/summary.json, table.md and latency.png (about 10 minutes here). Never part of `make test`.
 bench: $(DEV_STAMP)
-	@echo "make bench: not implemented yet - the benchmark harness is issue #5." >&2; exit 2
+	$(BIN)/python -m bench.run --out bench/out
 
 loadtest: $(DEV_STAMP)
 	@echo "make loadtest: not implemented yet - overload and soak tests are issue #7." >&2; exit 2
@@ -63,9 +65,9 @@ audit: $(DEV_STAMP)
 	@echo "make audit: not implemented yet - pip-audit and bandit are issue #7." >&2; exit 2
 
 lint: $(DEV_STAMP)
-	$(BIN)/ruff check service training tests
-	$(BIN)/ruff format --check service training tests
-	$(BIN)/mypy service training
+	$(BIN)/ruff check service training tests bench
+	$(BIN)/ruff format --check service training tests bench
+	$(BIN)/mypy service training bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

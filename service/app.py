@@ -157,9 +157,7 @@ class AssessmentService:
             self.pipeline.assess(buffer.getvalue(), diagnose=True)
         self.pipeline.classify(self.pipeline.segment(photo))
 
-    async def handle(
-        self, request: Request, response: Response, *, diagnose: bool, language: str, include: set[str]
-    ) -> AssessmentOut:
+    async def handle(self, request: Request, *, diagnose: bool, language: str, include: set[str]) -> Response:
         async with self.admission.slot():
             data = await read_image(request, self.settings.max_upload_bytes, self.settings.upload_timeout_s)
             run = partial(self.assess_and_render, data, diagnose=diagnose, include=include)
@@ -171,9 +169,13 @@ class AssessmentService:
             "reasons": [r.value for r in assessment.reasons],
             "timings_ms": {k: round(v, 2) for k, v in assessment.timings_ms.items()},
         }
-        response.headers["Content-Language"] = language
-        response.headers["Vary"] = "Accept-Language"
-        return self.to_response(assessment, request.state.request_id, language, review_images)
+        body = self.to_response(assessment, request.state.request_id, language, review_images)
+        # Serialised here, once: the model was validated on construction, so FastAPI need not do it again.
+        return Response(
+            body.model_dump_json(),
+            media_type="application/json",
+            headers={"Content-Language": language, "Vary": "Accept-Language"},
+        )
 
     def assess_and_render(self, data: bytes, *, diagnose: bool, include: set[str]) -> tuple[Assessment, dict]:
         """The pipeline, then the review images asked for: all CPU work, run in a worker thread."""
@@ -267,9 +269,9 @@ router = APIRouter()
     openapi_extra=UPLOAD_BODY,
 )
 async def assess(
-    request: Request, response: Response, service: ServiceDep, language: LanguageDep, include: IncludeDep
-) -> AssessmentOut:
-    return await service.handle(request, response, diagnose=True, language=language, include=include)
+    request: Request, service: ServiceDep, language: LanguageDep, include: IncludeDep
+) -> Response:
+    return await service.handle(request, diagnose=True, language=language, include=include)
 
 
 @router.post(
@@ -279,10 +281,8 @@ async def assess(
     responses=_problems(400, 413, 415, 422, 503),
     openapi_extra=UPLOAD_BODY,
 )
-async def quality(
-    request: Request, response: Response, service: ServiceDep, language: LanguageDep
-) -> AssessmentOut:
-    return await service.handle(request, response, diagnose=False, language=language, include=set())
+async def quality(request: Request, service: ServiceDep, language: LanguageDep) -> Response:
+    return await service.handle(request, diagnose=False, language=language, include=set())
 
 
 @router.get(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -84,23 +85,27 @@ class DecodedImage:
     original_size: tuple[int, int]  # (width, height) of the upright full-resolution image
     media_type: str
     _data: bytes = field(repr=False)
-    _full: np.ndarray | None = field(default=None, repr=False)
+    _full: np.ndarray | None = field(default=None, repr=False)  # a finer decode, when one was needed
 
     @property
     def scale(self) -> float:
         return self.rgb.shape[1] / self.original_size[0]
 
     def region(self, box: tuple[int, int, int, int], min_side: int) -> np.ndarray:
-        """Pixels of `box` (original coordinates), at the decoded scale when that keeps `min_side`
-        pixels on the box's short side, else from a full-resolution decode."""
+        """Pixels of `box` (original coordinates) with at least `min_side` pixels on its short side where
+        the original has them: from the decoded pixels when they suffice, else from a finer decode (the
+        smallest JPEG DCT scale that is enough, or full resolution), made once and kept."""
         x0, y0, x1, y1 = box
-        if self.scale >= 1.0 or min(x1 - x0, y1 - y0) * self.scale >= min_side:
-            s = self.scale
-            return self.rgb[round(y0 * s) : max(round(y1 * s), round(y0 * s) + 1),
-                            round(x0 * s) : max(round(x1 * s), round(x0 * s) + 1)]  # fmt: skip
-        if self._full is None:
-            self._full, _, _ = _decode(self._data, draft_side=None)
-        return self._full[y0:y1, x0:x1]
+        needed = min(1.0, min_side / max(1, min(x1 - x0, y1 - y0)))
+        pixels = self.rgb
+        if self.scale < needed:
+            if self._full is None or self._full.shape[1] / self.original_size[0] < needed:
+                side = math.ceil(min(self.original_size) * needed)
+                self._full, _, _ = _decode(self._data, draft_side=side)
+            pixels = self._full
+        s = pixels.shape[1] / self.original_size[0]
+        top, left = round(y0 * s), round(x0 * s)
+        return pixels[top : max(round(y1 * s), top + 1), left : max(round(x1 * s), left + 1)]
 
 
 def decode_upload(data: bytes, limits: DecodeLimits) -> DecodedImage:
@@ -124,7 +129,7 @@ def decode_upload(data: bytes, limits: DecodeLimits) -> DecodedImage:
             )
         if image.format != "MPO" and getattr(image, "n_frames", 1) > 1:
             raise AnimatedImage("animated images are not accepted; send a single photo")
-    rgb, orientation, drafted = _decode(data, draft_side=limits.decode_min_side)
+        rgb, orientation, drafted = _decode_opened(image, draft_side=limits.decode_min_side)
     upright_size = (height, width) if orientation in _SWAPS_AXES else (width, height)
     full = None if drafted else rgb
     factor = min(rgb.shape[:2]) // limits.decode_min_side
@@ -155,15 +160,19 @@ def _open(data: bytes) -> Image.Image:
 
 
 def _decode(data: bytes, draft_side: int | None) -> tuple[np.ndarray, int, bool]:
+    with _open(data) as image:
+        return _decode_opened(image, draft_side)
+
+
+def _decode_opened(image: Image.Image, draft_side: int | None) -> tuple[np.ndarray, int, bool]:
     """Upright RGB pixels, the EXIF orientation applied, and whether JPEG DCT scaling reduced them."""
     try:
-        with Image.open(io.BytesIO(data), formats=_formats()) as image:
-            header_size = image.size
-            if draft_side is not None and image.format in _DCT_SCALED:
-                image.draft("RGB", (draft_side, draft_side))
-            drafted = image.size != header_size
-            orientation = exif_orientation(image)
-            return np.asarray(to_rgb(image, orientation)), orientation, drafted
+        header_size = image.size
+        if draft_side is not None and image.format in _DCT_SCALED:
+            image.draft("RGB", (draft_side, draft_side))
+        drafted = image.size != header_size
+        orientation = exif_orientation(image)
+        return np.asarray(to_rgb(image, orientation)), orientation, drafted
     except MemoryError:
         raise
     except Exception as error:  # truncated data, corrupt chunks, codec errors: all the client's file

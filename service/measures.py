@@ -20,7 +20,7 @@ OVER_WHITE_MAX = 0.30
 GLARE_MAX = 0.10  # clipped-white fraction of the tissue ellipse above which the photo is glare-washed
 SATURATED_LEVEL = 245  # a pixel whose every channel reaches this is clipped white
 TISSUE_SEMI_AXES = (0.35, 0.35)  # central ellipse, as fractions of (W, H)
-_MAX_SAMPLED_PIXELS = 250_000  # a regular grid this dense is plenty for a mean and a fraction
+_MAX_SAMPLED_PIXELS = 65_536  # a regular grid this dense is plenty for a mean and a fraction (±0.5 %)
 
 
 @dataclass(frozen=True)
@@ -46,16 +46,25 @@ def tissue_ellipse(height: int, width: int) -> np.ndarray:
     return _tissue_ellipse_cached(int(height), int(width))
 
 
+@functools.lru_cache(maxsize=16)
+def _sampled_ellipse(height: int, width: int, stride: int) -> np.ndarray:
+    return np.ascontiguousarray(tissue_ellipse(height, width)[::stride, ::stride])
+
+
 def tissue_pixels(image: np.ndarray) -> np.ndarray:
-    """Nx3 uint8: the tissue ellipse's pixels, on a regular grid for large images."""
+    """Nx3 uint8: the tissue ellipse's pixels, on a regular grid of at most about 65k points."""
     h, w = image.shape[:2]
-    stride = max(1, int(math.sqrt(h * w / _MAX_SAMPLED_PIXELS)))
-    return image[::stride, ::stride][tissue_ellipse(h, w)[::stride, ::stride]]
+    stride = max(1, math.ceil(math.sqrt(h * w / _MAX_SAMPLED_PIXELS)))
+    return image[::stride, ::stride][_sampled_ellipse(h, w, stride)]
 
 
 def luma(pixels: np.ndarray) -> np.ndarray:
     """Rec. 601 luma in 0..1 of Nx3 uint8 pixels (integer weights: exact and fast)."""
-    return (pixels @ np.array([77, 150, 29], dtype=np.uint16)).astype(np.float32) / np.float32(256 * 255)
+    # Channel by channel: numpy's integer matmul has no fast path and was 10x slower for the same sums,
+    # which stay exact in uint16 (at most 255 * 256).
+    wide = pixels.astype(np.uint16)
+    weighted = wide[:, 0] * np.uint16(77) + wide[:, 1] * np.uint16(150) + wide[:, 2] * np.uint16(29)
+    return weighted.astype(np.float32) / np.float32(256 * 255)
 
 
 def exposure_from_luma(values: np.ndarray, rule: ExposureRule = ExposureRule()) -> tuple[str, float]:
@@ -77,8 +86,29 @@ def measure_exposure(image: np.ndarray, rule: ExposureRule = ExposureRule()) -> 
 
 def measure_glare(image: np.ndarray) -> float:
     """Fraction of the tissue ellipse that is clipped white (every channel >= SATURATED_LEVEL)."""
-    roi = tissue_ellipse(*image.shape[:2])
-    if not roi.any():
+    return glare_fraction(tissue_pixels(image))
+
+
+def glare_fraction(pixels: np.ndarray) -> float:
+    if pixels.size == 0:
         return 0.0
-    darkest = np.minimum(np.minimum(image[..., 0], image[..., 1]), image[..., 2])
-    return float(np.count_nonzero((darkest >= SATURATED_LEVEL) & roi) / np.count_nonzero(roi))
+    clipped = (
+        (pixels[:, 0] >= SATURATED_LEVEL)
+        & (pixels[:, 1] >= SATURATED_LEVEL)
+        & (pixels[:, 2] >= SATURATED_LEVEL)
+    )
+    return float(np.count_nonzero(clipped) / len(pixels))
+
+
+@dataclass(frozen=True)
+class TissueMeasures:
+    exposure: str  # ok | dark | over
+    luma: float
+    glare_fraction: float
+
+
+def measure_tissue(image: np.ndarray, rule: ExposureRule = ExposureRule()) -> TissueMeasures:
+    """Exposure and glare from one sample of the tissue ellipse (what the service reports)."""
+    pixels = tissue_pixels(image)
+    exposure, mean = exposure_from_luma(luma(pixels), rule)
+    return TissueMeasures(exposure, mean, glare_fraction(pixels))

@@ -209,14 +209,14 @@ class Pipeline:
         outputs = model.run(tensor)
         sharpness = float(_sigmoid(outputs["sharp_logit"][0, 0]))
         stage_p = _softmax(outputs["stage_logits"][0])
-        exposure, luma = measures.measure_exposure(crop_rgb, self.rules.exposure)
+        tissue = measures.measure_tissue(crop_rgb, self.rules.exposure)
         return Quality(
             sharpness=sharpness,
             not_sharp=(1.0 - sharpness) >= self.rules.not_sharp,
             blur_kind=self.blur_labels[int(np.argmax(outputs["blur_kind_logits"][0]))],
-            exposure=exposure,
-            luma=luma,
-            glare_fraction=measures.measure_glare(crop_rgb),
+            exposure=tissue.exposure,
+            luma=tissue.luma,
+            glare_fraction=tissue.glare_fraction,
             exam_stage=self.stage_labels[int(np.argmax(stage_p))],
             p_acetic=float(stage_p[self.stage_labels.index("acetic")]),
         )

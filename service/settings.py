@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         default=1, ge=0, description="threads per model run; 0 = ONNX Runtime's default"
     )
+    ort_spinning: bool = Field(
+        default=False,
+        description="let ONNX Runtime's worker threads busy-wait between runs (only with >1 thread)",
+    )
     inference_workers: int = Field(
         default=max(1, os.cpu_count() or 1),
         ge=1,
@@ -54,9 +58,10 @@ class Settings(BaseSettings):
     )
     min_image_side: int = Field(default=64, ge=1, description="images with a shorter side get 422")
     decode_min_side: int = Field(
-        default=600,
+        default=320,
         ge=64,
-        description="JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) keeping this short side",
+        description="JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) keeping this short side; "
+        "the cervix crop is decoded finer when it needs more pixels",
     )
 
     # Decision rules that are product choices rather than model properties.

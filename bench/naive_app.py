@@ -1,0 +1,100 @@
+"""The naive baseline: the same four-stage chain as a team would first write it.
+
+PyTorch eager on the training checkpoints (`runs/<task>/model.pth` when `make models` has run; otherwise the
+same architectures with random weights: the compute per request does not depend on the weights, and this chain
+runs every stage whatever the models say), a full-resolution Pillow decode, plain resizes, one FastAPI
+route. It is a yardstick for `make bench`, never served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import uvicorn
+from fastapi import FastAPI, UploadFile
+from PIL import Image
+from torchvision.transforms.functional import normalize, to_tensor
+
+from training.data.degrade import BLUR_KINDS
+from training.data.records import EXAM_STAGES
+from training.models import CervixDetector, LesionSegmenter, QualityNet, SeverityNet
+
+RUNS = Path("runs")
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+VOTING_WEIGHTS = (0.2, 0.25, 0.15, 0.2, 0.11, 0.09)
+
+
+def load(task: str, model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
+    checkpoint = RUNS / task / "model.pth"
+    trained = checkpoint.is_file()
+    if trained:
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+    return model.eval(), trained
+
+
+MODELS = {
+    "detector": load("detector", CervixDetector()),
+    "quality": load("quality", QualityNet(len(BLUR_KINDS), len(EXAM_STAGES))),
+    "segmenter": load("segmenter", LesionSegmenter()),
+    "severity": load("severity", SeverityNet()),
+}
+app = FastAPI()
+
+
+def tensor(image: Image.Image, size: int) -> torch.Tensor:
+    return normalize(to_tensor(image.resize((size, size))), MEAN, STD)[None]
+
+
+@app.get("/ready")
+def ready() -> dict[str, bool]:
+    return {name: trained for name, (_, trained) in MODELS.items()}
+
+
+@app.post("/assess")
+@torch.no_grad()
+def assess(image: UploadFile) -> dict[str, float]:
+    photo = Image.open(io.BytesIO(image.file.read())).convert("RGB")
+    width, height = photo.size
+    detection = MODELS["detector"][0](tensor(photo, 192))
+    cx, cy, w, h = detection["box"][0].tolist()
+    box = (
+        int((cx - w / 2) * width),
+        int((cy - h / 2) * height),
+        int((cx + w / 2) * width),
+        int((cy + h / 2) * height),
+    )
+    crop = photo.crop(box) if box[2] > box[0] and box[3] > box[1] else photo
+    quality = MODELS["quality"][0](tensor(crop, 256))
+    rgb = tensor(crop, 224)
+    lesion = torch.sigmoid(MODELS["segmenter"][0](rgb)["lesion_logits"])
+    lesion_channel = (lesion - 0.5) / 0.25
+    lesion_only = rgb * lesion
+    variants = torch.cat(
+        [
+            torch.cat([rgb, lesion_channel], 1),
+            torch.cat([lesion_only, lesion_channel], 1),
+            torch.cat([rgb, lesion_channel], 1).flip(3),
+            torch.cat([lesion_only, lesion_channel], 1).flip(3),
+            torch.cat([rgb * 1.2, lesion_channel], 1),
+            torch.cat([rgb * 0.8, lesion_channel], 1),
+        ]
+    )
+    probabilities = torch.sigmoid(MODELS["severity"][0](variants)["cin2plus_logit"][:, 0])
+    vote = float((probabilities * torch.tensor(VOTING_WEIGHTS)).sum() / sum(VOTING_WEIGHTS))
+    return {
+        "cervix": float(torch.sigmoid(detection["cervix_logit"][0, 0])),
+        "sharp": float(torch.sigmoid(quality["sharp_logit"][0, 0])),
+        "lesion_area": float((F.interpolate(lesion, size=(64, 64)) > 0.25).float().mean()),
+        "cin2plus": vote,
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")

@@ -1,0 +1,468 @@
+"""`make bench`: CerviGate as served vs a naive PyTorch service vs the decode + inference floor, side by side.
+
+All three run in one invocation, interleaved round by round (systems and workloads rotate), so machine drift
+hits them alike. Writes `summary.json`, `table.md` and `latency.png` to `--out`. Never run by tests: speed is
+measured here, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from service.preprocess import crop, crop_box, fit, normalize, prepare
+from service.runtime import load_models
+from service.settings import Settings
+from service.voting import voting_variants
+
+REPO = Path(__file__).resolve().parents[1]
+ATLAS = REPO.parent / "shared" / "data" / "iarc-atlas"
+PHONE_SIZE = (4032, 3024)  # a 12 MP smartphone photo
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
+    parser.add_argument(
+        "--requests", type=int, default=16, help="requests per system, workload, concurrency, round"
+    )
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--atlas", type=Path, default=ATLAS)
+    return parser
+
+
+# --- workloads -----------------------------------------------------------------------------------------
+
+
+def jpeg(image: Image.Image, quality: int = 92) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def workloads(atlas: Path) -> dict[str, bytes]:
+    """Smartphone-size and preview-size JPEGs from a real atlas photo (when present) and a synthetic scene."""
+    from training.data.synthetic import generate_scene
+
+    loads: dict[str, bytes] = {}
+    photos = sorted(atlas.glob("images_*/case_*/*cetic*.jpg"))
+    if photos:
+        real = Image.open(photos[0]).convert("RGB")
+        loads["12MP atlas"] = jpeg(real.resize(PHONE_SIZE, Image.Resampling.LANCZOS))
+        loads["800x600 atlas"] = photos[0].read_bytes()
+        loads["640x480 atlas"] = jpeg(real.resize((640, 480), Image.Resampling.LANCZOS))
+    synthetic = Image.fromarray(generate_scene(7, size=PHONE_SIZE).image)
+    loads["12MP synthetic"] = jpeg(synthetic)
+    if not photos:
+        loads["800x600 synthetic"] = jpeg(synthetic.resize((800, 600), Image.Resampling.LANCZOS))
+        loads["640x480 synthetic"] = jpeg(synthetic.resize((640, 480), Image.Resampling.LANCZOS))
+    return loads
+
+
+# --- systems -------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    name: str
+    command: list[str]
+    ready_path: str
+    assess_path: str
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = os.environ | self.env | {"CERVIGATE_PORT": str(self.port), "CERVIGATE_LOG_LEVEL": "warning"}
+        command = [c.replace("{port}", str(self.port)) for c in self.command]
+        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode} while starting")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} not ready after 180 s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+    def rss_mb(self) -> float:
+        if self.process is None:
+            return float("nan")
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+class RssSampler:
+    """Peak resident memory of a server process, sampled every 50 ms while the bench runs."""
+
+    def __init__(self, server: Server) -> None:
+        self.server, self.peak, self._stop = server, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.server.rss_mb())
+            time.sleep(0.05)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def drive(url: str, payload: bytes, concurrency: int, count: int) -> tuple[list[float], float, list[dict]]:
+    """`count` multipart uploads over `concurrency` keep-alive connections: latencies, wall time, bodies."""
+    latencies: list[float] = []
+    bodies: list[dict] = []
+    remaining = [count]
+    lock = threading.Lock()
+
+    def worker() -> None:
+        with httpx.Client(timeout=60) as client:
+            while True:
+                with lock:
+                    if remaining[0] == 0:
+                        return
+                    remaining[0] -= 1
+                started = time.perf_counter()
+                response = client.post(url, files={"image": ("photo.jpg", payload, "image/jpeg")})
+                elapsed = time.perf_counter() - started
+                response.raise_for_status()
+                with lock:
+                    latencies.append(elapsed * 1000)
+                    bodies.append(response.json())
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, time.perf_counter() - started, bodies
+
+
+class Floor:
+    """Reduced-scale JPEG decode plus ONNX Runtime on tensors prepared beforehand: no HTTP, no resizes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.models = load_models(settings)
+        self.decode_side = settings.decode_min_side
+        self.tensors: dict[bytes, list[np.ndarray]] = {}
+
+    def prepare(self, payload: bytes) -> list[np.ndarray]:
+        rgb = np.asarray(Image.open(io.BytesIO(payload)).convert("RGB"))
+        region = crop_box((0, 0, rgb.shape[1], rgb.shape[0]), rgb.shape[1], rgb.shape[0], 0.1)
+        cropped = crop(rgb, region)
+        segmenter_input, _ = fit(cropped, self.models.segmenter.manifest.input)
+        lesion = np.full(segmenter_input.shape[:2], 128, np.uint8)
+        variants = voting_variants(segmenter_input, lesion)
+        spec = self.models.severity.manifest.input
+        return [
+            prepare(rgb, self.models.detector.manifest.input)[0],
+            prepare(cropped, self.models.quality.manifest.input)[0],
+            normalize(segmenter_input, self.models.segmenter.manifest.input),
+            np.concatenate([normalize(np.dstack(v), spec) for v in variants.values()]),
+        ]
+
+    def once(self, payload: bytes) -> float:
+        tensors = self.tensors.setdefault(payload, self.prepare(payload))
+        started = time.perf_counter()
+        with Image.open(io.BytesIO(payload)) as image:
+            image.draft("RGB", (self.decode_side, self.decode_side))
+            image.convert("RGB").load()
+        for model, tensor in zip(self.models, tensors, strict=True):
+            model.run(tensor)
+        return (time.perf_counter() - started) * 1000
+
+
+def time_calls(call: Callable[[], object], count: int) -> list[float]:
+    out = []
+    for _ in range(count):
+        started = time.perf_counter()
+        call()
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    system: str
+    workload: str
+    concurrency: int
+    latencies_ms: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    stage_ms: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def p50(self) -> float:
+        return float(np.percentile(self.latencies_ms, 50))
+
+    @property
+    def p99(self) -> float:
+        return float(np.percentile(self.latencies_ms, 99))
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies_ms) / self.wall_s if self.wall_s else float("nan")
+
+
+def machine_info() -> dict[str, object]:
+    import onnxruntime
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def main(args: argparse.Namespace) -> dict[str, object]:
+    args.out.mkdir(parents=True, exist_ok=True)
+    loads = workloads(args.atlas)
+    settings = Settings()
+    cervigate = Server("cervigate", [sys.executable, "-m", "service"], "/readyz", "/v1/assess")
+    # PyTorch's OpenMP threads busy-wait after each request by default, which would steal the cores from
+    # whichever system runs next in the interleaving; passive waiting keeps the comparison fair.
+    naive = Server(
+        "naive",
+        [sys.executable, "-m", "bench.naive_app", "--port", "{port}"],
+        "/ready",
+        "/assess",
+        env={"OMP_WAIT_POLICY": "PASSIVE"},
+    )
+    floor = Floor(settings)
+    cells: dict[tuple[str, str, int], Cell] = {}
+    quality = Cell("cervigate /v1/quality", "640x480", 1)
+    try:
+        for server in (cervigate, naive):
+            server.start()
+        naive_weights = httpx.get(naive.url + "/ready").json()
+        with RssSampler(cervigate) as rss:
+            for round_ in range(args.rounds):
+                for concurrency in args.concurrency:
+                    names = list(loads)
+                    names = names[round_ % len(names) :] + names[: round_ % len(names)]
+                    for workload in names:
+                        systems = (
+                            [cervigate, naive] if (round_ + concurrency) % 2 == 0 else [naive, cervigate]
+                        )
+                        for server in systems:
+                            cell = cells.setdefault(
+                                (server.name, workload, concurrency), Cell(server.name, workload, concurrency)
+                            )
+                            latencies, wall, bodies = drive(
+                                server.url + server.assess_path, loads[workload], concurrency, args.requests
+                            )
+                            cell.latencies_ms += latencies
+                            cell.wall_s += wall
+                            for body in bodies:
+                                for stage, ms in body.get("timings_ms", {}).items():
+                                    cell.stage_ms.setdefault(stage, []).append(ms)
+                        if concurrency == 1:
+                            cell = cells.setdefault(("floor", workload, 1), Cell("floor", workload, 1))
+                            cell.latencies_ms += [floor.once(loads[workload]) for _ in range(args.requests)]
+                            cell.wall_s += sum(cell.latencies_ms[-args.requests :]) / 1000
+                preview = next(name for name in loads if name.startswith("640x480"))
+                latencies, wall, _ = drive(cervigate.url + "/v1/quality", loads[preview], 1, args.requests)
+                quality.latencies_ms += latencies
+                quality.wall_s += wall
+    finally:
+        for server in (cervigate, naive):
+            server.stop()
+    headline = next(name for name in loads if name.startswith("12MP"))
+    full_decode = time_calls(lambda: Image.open(io.BytesIO(loads[headline])).convert("RGB").load(), 20)
+    summary = summarise(cells, quality, headline, full_decode, rss.peak, naive_weights)
+    write_outputs(args.out, summary, cells)
+    return summary
+
+
+def summarise(
+    cells: dict[tuple[str, str, int], Cell],
+    quality: Cell,
+    headline: str,
+    full_decode_ms: list[float],
+    rss_peak: float,
+    naive_weights: dict[str, bool],
+) -> dict[str, object]:
+    def best(system: str) -> Cell:
+        return max(
+            (c for c in cells.values() if c.system == system and c.workload == headline),
+            key=lambda c: c.throughput,
+        )
+
+    served, naive, floor = (
+        cells[("cervigate", headline, 1)],
+        cells[("naive", headline, 1)],
+        cells[("floor", headline, 1)],
+    )
+    best_served, best_naive = best("cervigate"), best("naive")
+    full_decode = statistics.median(full_decode_ms)
+    return {
+        "headline_workload": headline,
+        "e2e_p50_ms": served.p50,
+        "e2e_p99_ms": served.p99,
+        "throughput_rps": best_served.throughput,
+        "throughput_concurrency": best_served.concurrency,
+        "naive_p50_ms": naive.p50,
+        "naive_throughput_rps": best_naive.throughput,
+        "naive_throughput_concurrency": best_naive.concurrency,
+        "speedup_vs_naive": best_served.throughput / best_naive.throughput,
+        "floor_p50_ms": floor.p50,
+        "overhead_vs_floor": served.p50 / floor.p50,
+        "stage_p50_ms": {stage: float(np.median(v)) for stage, v in served.stage_ms.items()},
+        "quality_p50_ms": quality.p50,
+        "pillow_full_decode_p50_ms": full_decode,
+        "e2e_vs_full_decode": served.p50 / full_decode,
+        "rss_mb_peak": rss_peak,
+        "naive_weights_trained": naive_weights,
+        "cells": [
+            {
+                "system": c.system,
+                "workload": c.workload,
+                "concurrency": c.concurrency,
+                "n": len(c.latencies_ms),
+                "p50_ms": c.p50,
+                "p99_ms": c.p99,
+                "throughput_rps": c.throughput,
+            }
+            for c in sorted(cells.values(), key=lambda c: (c.workload, c.system, c.concurrency))
+        ],
+        "machine": machine_info(),
+    }
+
+
+def write_outputs(out: Path, summary: dict[str, object], cells: dict[tuple[str, str, int], Cell]) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [
+        f"Headline workload: {summary['headline_workload']} (p50 at concurrency 1, throughput at the best "
+        "concurrency). Targets: speedup ≥ 4, overhead ≤ 1.25, quality p50 ≤ 10 ms, 12 MP ≤ 0.6 × full decode "
+        "RSS ≤ 600 MB.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+    ]
+    for key in (
+        "e2e_p50_ms",
+        "e2e_p99_ms",
+        "throughput_rps",
+        "naive_p50_ms",
+        "naive_throughput_rps",
+        "speedup_vs_naive",
+        "floor_p50_ms",
+        "overhead_vs_floor",
+        "quality_p50_ms",
+        "pillow_full_decode_p50_ms",
+        "e2e_vs_full_decode",
+        "rss_mb_peak",
+    ):
+        lines.append(f"| {key} | {summary[key]:.2f} |")
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in summary["stage_p50_ms"].items())  # type: ignore[attr-defined]
+    lines += [
+        "",
+        f"Stage p50 (ms, server side): {stages}",
+        "",
+        "| workload | system | concurrency | p50 ms | p99 ms | req/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in summary["cells"]:  # type: ignore[attr-defined]
+        lines.append(
+            f"| {c['workload']} | {c['system']} | {c['concurrency']} | {c['p50_ms']:.1f} | "
+            f"{c['p99_ms']:.1f} | {c['throughput_rps']:.1f} |"
+        )
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    plot(out / "latency.png", cells)
+
+
+def plot(path: Path, cells: dict[tuple[str, str, int], Cell]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads_ = sorted({c.workload for c in cells.values()})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    systems = ("cervigate", "naive", "floor")
+    width = 0.8 / len(systems)
+    for i, system in enumerate(systems):
+        values = [cells[(system, w, 1)].p50 if (system, w, 1) in cells else 0 for w in workloads_]
+        left.bar(np.arange(len(workloads_)) + i * width, values, width, label=system)
+    left.set_xticks(np.arange(len(workloads_)) + width, workloads_, rotation=15)
+    left.set_ylabel("p50 latency, concurrency 1 (ms)")
+    left.legend()
+    for system in ("cervigate", "naive"):
+        for workload in workloads_:
+            points = sorted(
+                (c.concurrency, c.throughput)
+                for c in cells.values()
+                if c.system == system and c.workload == workload
+            )
+            right.plot(
+                *zip(*points, strict=True),
+                marker="o",
+                label=f"{system} {workload}",
+                linestyle="-" if system == "cervigate" else "--",
+            )
+    right.set_xlabel("concurrent clients")
+    right.set_ylabel("requests / s")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    result = main(get_args_parser().parse_args())
+    print(json.dumps({k: v for k, v in result.items() if k not in ("cells", "machine")}, indent=2))
