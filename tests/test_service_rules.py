@@ -131,23 +131,27 @@ def _jpeg(width: int, height: int, **options: object) -> bytes:
 LIMITS = DecodeLimits(max_pixels=50_000_000, min_side=64, decode_min_side=600)
 
 
-def test_large_jpeg_is_decoded_at_reduced_scale_but_crops_at_full() -> None:
+def test_large_jpeg_is_decoded_at_reduced_scale_and_crops_at_the_scale_they_need() -> None:
     image = decode_upload(_jpeg(4032, 3024), LIMITS)
     assert image.original_size == (4032, 3024)
     assert image.rgb.shape == (756, 1008, 3)  # 1/4 DCT scale keeps a 600 px short side
     assert image.region((0, 0, 2000, 2000), min_side=256).shape[:2] == (500, 500)
-    # A small region would have too few pixels at 1/4 scale: it comes from a full-resolution decode.
-    assert image.region((100, 100, 700, 700), min_side=256).shape[:2] == (600, 600)
+    # A small region would have too few pixels at 1/4 scale: it comes from a 1/2-scale decode (300 >= 256).
+    assert image.region((100, 100, 700, 700), min_side=256).shape[:2] == (300, 300)
+    # ... and a tiny one from full resolution, never upsampled.
+    assert image.region((100, 100, 200, 200), min_side=256).shape[:2] == (100, 100)
 
 
-def test_huge_jpeg_reduced_past_the_dct_scales_still_crops_at_full_resolution() -> None:
+def test_huge_jpeg_reduced_past_the_dct_scales_still_crops_enough_pixels() -> None:
     limits = DecodeLimits(max_pixels=50_000_000, min_side=64, decode_min_side=64)
     data = _jpeg(2048, 2048)
     image = decode_upload(data, limits)
     assert image.rgb.shape == (64, 64, 3)  # 1/8 DCT scale (256 px), then a 4x box reduction
     region = image.region((1024, 1024, 2048, 2048), min_side=256)
-    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    np.testing.assert_array_equal(region, full[1024:2048, 1024:2048])
+    with Image.open(io.BytesIO(data)) as reference:
+        reference.draft("RGB", (512, 512))  # 1/4 scale: the smallest that keeps 256 px on this region
+        quarter = np.asarray(reference.convert("RGB"))
+    np.testing.assert_array_equal(region, quarter[256:512, 256:512])
 
 
 def test_png_is_reduced_for_the_whole_photo_and_cropped_from_full() -> None:
