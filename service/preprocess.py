@@ -82,11 +82,15 @@ def normalize_batch(fitted: np.ndarray, spec: InputSpec) -> np.ndarray:
     """NxHxWxC uint8 at model size -> NxCxHxW float32, scaled and standardised as the manifest says."""
     if fitted.shape[3] != len(spec.channels):
         raise ValueError(f"image has {fitted.shape[3]} channels, model expects {len(spec.channels)}")
+    # Make the uint8 planar first (a cheap byte copy), then one contiguous float pass: ~10x faster than
+    # converting to float and transposing the float copy.
+    return standardize_planar(np.ascontiguousarray(fitted.transpose(0, 3, 1, 2)), spec)
+
+
+def standardize_planar(planar: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """NxCxHxW uint8 -> float32: (x * scale - mean) / std per channel, as (x - mean/scale) * (scale/std)."""
     mean = np.asarray(spec.mean, dtype=np.float32) / np.float32(spec.scale)
     inv_std = np.float32(spec.scale) / np.asarray(spec.std, dtype=np.float32)
-    # (x*scale - mean) / std == (x - mean/scale) * (scale/std), computed straight into the planar output:
-    # writing NCHW while reading NHWC once is ~10x faster than converting, then transposing a float copy.
-    planar = fitted.transpose(0, 3, 1, 2)
     tensor = np.empty(planar.shape, dtype=np.float32)
     np.subtract(planar, mean[None, :, None, None], out=tensor, dtype=np.float32)
     tensor *= inv_std[None, :, None, None]

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from service.manifest import InputSpec
-from service.preprocess import normalize_batch
+from service.preprocess import standardize_planar
 
 # name -> weight, in the paper's order: original, lesion-only, both flipped, two brightness variants.
 PAPER_WEIGHTS: dict[str, float] = {
@@ -58,10 +58,10 @@ def variant_batch(
     variants: Mapping[str, tuple[np.ndarray, np.ndarray]], order: Sequence[str], spec: InputSpec
 ) -> np.ndarray:
     """Variants in `order` as one Nx4xHxW float32 batch, normalised as the severity manifest says."""
-    first_rgb, _ = variants[order[0]]
-    stack = np.empty((len(order), *first_rgb.shape[:2], 4), dtype=np.uint8)
+    height, width = variants[order[0]][1].shape
+    planar = np.empty((len(order), 4, height, width), dtype=np.uint8)  # built planar: no strided float pass
     for index, name in enumerate(order):
         rgb, lesion = variants[name]
-        stack[index, ..., :3] = rgb
-        stack[index, ..., 3] = lesion
-    return normalize_batch(stack, spec)
+        planar[index, :3] = rgb.transpose(2, 0, 1)
+        planar[index, 3] = lesion
+    return standardize_planar(planar, spec)
