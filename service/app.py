@@ -8,17 +8,19 @@ from __future__ import annotations
 import io
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any
 
 import anyio
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import review
+from service import access, review
 from service.decoding import register_heif
 from service.pipeline import Assessment, Pipeline
 from service.problems import PROBLEM_MEDIA_TYPE, ProblemError, install_problem_handlers, problem_response
@@ -252,16 +254,35 @@ def get_include(
     return set(include.split(",")) if include else set()
 
 
+def require_api_key(request: Request) -> None:
+    keys: Keys = request.app.state.keys
+    if keys.api:
+        access.check(request, keys.api)
+
+
+def require_metrics_key(request: Request) -> None:
+    keys: Keys = request.app.state.keys
+    if keys.metrics:
+        access.check(request, keys.metrics, also_known=keys.api)
+
+
+@dataclass(frozen=True)
+class Keys:
+    api: tuple[bytes, ...]
+    metrics: tuple[bytes, ...]
+
+
 ServiceDep = Annotated[AssessmentService, Depends(get_service)]
 LanguageDep = Annotated[str, Depends(get_language)]
 IncludeDep = Annotated[set[str], Depends(get_include)]
 
 # --- routes --------------------------------------------------------------------------------------------
 
-router = APIRouter()
+router = APIRouter()  # open: health, readiness, metrics (metrics has its own key check)
+api = APIRouter(dependencies=[Depends(require_api_key)])  # /v1/*: API keys when configured
 
 
-@router.post(
+@api.post(
     "/v1/assess",
     summary="Full assessment: recapture (with reasons and advice) or a diagnosis",
     response_model=AssessmentOut,
@@ -274,7 +295,7 @@ async def assess(
     return await service.handle(request, diagnose=True, language=language, include=include)
 
 
-@router.post(
+@api.post(
     "/v1/quality",
     summary="Fast capture gate for preview frames: detect, crop, quality checks; no diagnosis",
     response_model=AssessmentOut,
@@ -285,7 +306,7 @@ async def quality(request: Request, service: ServiceDep, language: LanguageDep) 
     return await service.handle(request, diagnose=False, language=language, include=set())
 
 
-@router.get(
+@api.get(
     "/v1/models",
     summary="The loaded models, their thresholds and held-out metrics",
     response_model=ModelsOut,
@@ -310,7 +331,7 @@ async def readyz(request: Request) -> Any:
     return HealthOut(status="ready")
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.get("/metrics", include_in_schema=False, dependencies=[Depends(require_metrics_key)])
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -372,10 +393,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.ready = False
     app.state.service = None
+    app.state.keys = Keys(
+        api=access.parse_keys(settings.api_keys), metrics=access.parse_keys(settings.metrics_api_keys)
+    )
+    app.include_router(api)
     app.include_router(router)
     install_problem_handlers(app)
     # Metric labels only ever take these values (or "other"), so a scanner cannot explode cardinality.
-    known_paths = {getattr(route, "path", "") for route in router.routes} | {"/docs", "/openapi.json"}
+    known_paths = {getattr(route, "path", "") for route in (*api.routes, *router.routes)} | {
+        "/docs",
+        "/openapi.json",
+    }
+    if settings.cors_origins:  # closed unless configured: the API serves apps, not arbitrary web pages
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type", "Accept-Language"],
+            expose_headers=["X-Request-ID", "Retry-After", "Content-Language"],
+        )
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics, known_paths=known_paths)
 
     def openapi() -> dict[str, Any]:

@@ -19,7 +19,7 @@ from service import measures
 from service.decoding import DecodedImage, DecodeLimits, decode_upload
 from service.preprocess import crop_box, fit, normalize, prepare
 from service.reasons import Reason, ordered
-from service.runtime import ModelSet
+from service.runtime import ModelConfigurationError, ModelSet
 from service.settings import Settings
 from service.voting import variant_batch, voting_variants, weighted_vote
 
@@ -130,8 +130,9 @@ class Pipeline:
         self.models = models
         self.rules = Rules.from_models(models, settings)
         self.limits = DecodeLimits(settings.max_pixels, settings.min_image_side, settings.decode_min_side)
-        voting = models.severity.manifest.extra["voting"]
-        assert isinstance(voting, dict), "severity manifest: extra.voting must be a mapping"
+        voting = models.severity.manifest.extra.get("voting")
+        if not isinstance(voting, dict):
+            raise ModelConfigurationError("the severity manifest has no extra.voting mapping: re-export it")
         self.voting_order: list[str] = list(voting["order"])
         self.voting_weights: dict[str, float] = dict(voting["weights"])
         self.voting_brightness: dict[str, float] = dict(voting["brightness"])

@@ -31,6 +31,9 @@ TITLES = {
     "overloaded": "The service is busy",
     "not_ready": "The service is not ready",
     "internal_error": "Internal error",
+    "missing_api_key": "An API key is required",
+    "invalid_api_key": "The API key is not valid",
+    "forbidden": "Not allowed with this key",
     "upload_timeout": "The upload took too long",
     "client_disconnected": "The client disconnected",
 }

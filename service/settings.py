@@ -46,6 +46,19 @@ class Settings(BaseSettings):
     )
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After sent with a 503")
 
+    # Access. Keys are compared as SHA-256 digests; `sha256:<hex>` entries keep plaintext out of config.
+    api_keys: list[str] = Field(
+        default=[], description='keys for /v1/* (JSON list, e.g. ["sha256:9f86..."]); empty = open'
+    )
+    metrics_api_keys: list[str] = Field(
+        default=[], description="keys for /metrics (a Prometheus bearer token); empty = open"
+    )
+    cors_origins: list[str] = Field(
+        default=[],
+        description='browser origins allowed to call the API, e.g. ["https://app.example.org"]; '
+        "empty = no cross-origin access",
+    )
+
     # Input limits.
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="larger uploads get 413")
     max_pixels: int = Field(
