@@ -324,10 +324,12 @@ async def healthz() -> HealthOut:
 @router.get("/readyz", summary="Readiness: models loaded and warmed up", response_model=HealthOut,
             responses=_problems(503))  # fmt: skip
 async def readyz(request: Request) -> Any:
-    if not request.app.state.ready:
+    if request.app.state.draining:
         return problem_response(
-            request, 503, "not_ready", "models are loading or the service is shutting down"
+            request, 503, "not_ready", "the service is shutting down; send work elsewhere"
         )
+    if not request.app.state.ready:
+        return problem_response(request, 503, "not_ready", "the models are still loading")
     return HealthOut(status="ready")
 
 
@@ -392,6 +394,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.ready = False
+    app.state.draining = False  # set by the SIGTERM handler in service/__main__.py
     app.state.service = None
     app.state.keys = Keys(
         api=access.parse_keys(settings.api_keys), metrics=access.parse_keys(settings.metrics_api_keys)

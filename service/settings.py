@@ -59,6 +59,11 @@ class Settings(BaseSettings):
         "empty = no cross-origin access",
     )
 
+    # Shutdown: SIGTERM turns /readyz to 503 for `shutdown_drain_s` while still serving; then requests
+    # in flight get up to `shutdown_grace_s` to finish (the sum must stay under compose's 35 s).
+    shutdown_drain_s: float = Field(default=3.0, ge=0)
+    shutdown_grace_s: float = Field(default=30.0, ge=1)
+
     # Input limits.
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="larger uploads get 413")
     max_pixels: int = Field(

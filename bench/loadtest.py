@@ -1,0 +1,174 @@
+"""`make loadtest`: capacity, overload at about twice capacity, and a soak, against the service over loopback.
+
+An asyncio httpx driver, bounded in requests and time; it starts its own server (`python -m service`) with the
+settings given, and stops it. Writes `--out/loadtest.json`. Every figure is measured; nothing is asserted here
+(tests/test_loadtest.py runs a short variant and checks behaviour, never timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from bench.run import REPO, Server, workloads
+
+SHED = 503
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
+    parser.add_argument("--endpoint", default="/v1/assess")
+    parser.add_argument("--capacity-requests", type=int, default=200)
+    parser.add_argument("--overload-seconds", type=float, default=20.0)
+    parser.add_argument("--overload-factor", type=float, default=2.0, help="offered load / measured capacity")
+    parser.add_argument("--soak-requests", type=int, default=10_000)
+    parser.add_argument(
+        "--concurrency", type=int, default=4, help="closed-loop clients for capacity and soak"
+    )
+    parser.add_argument("--max-inflight", type=int, default=8, help="the server's CERVIGATE_MAX_INFLIGHT")
+    parser.add_argument("--atlas", type=Path, default=REPO.parent / "shared" / "data" / "iarc-atlas")
+    return parser
+
+
+@dataclass
+class Outcome:
+    latencies_ms: dict[int, list[float]] = field(default_factory=dict)  # status -> latencies
+    errors: list[str] = field(default_factory=list)  # transport errors: connection refused, reset, timeout
+    retry_after_missing: int = 0
+
+    def add(self, status: int, ms: float, retry_after: str | None) -> None:
+        self.latencies_ms.setdefault(status, []).append(ms)
+        if status == SHED and retry_after is None:
+            self.retry_after_missing += 1
+
+    def count(self, status: int) -> int:
+        return len(self.latencies_ms.get(status, []))
+
+    @property
+    def total(self) -> int:
+        return sum(len(v) for v in self.latencies_ms.values()) + len(self.errors)
+
+    def summary(self, seconds: float) -> dict[str, object]:
+        accepted = self.latencies_ms.get(200, [])
+        return {
+            "requests": self.total,
+            "seconds": round(seconds, 2),
+            "by_status": {str(k): len(v) for k, v in sorted(self.latencies_ms.items())},
+            "transport_errors": len(self.errors),
+            "accepted_rps": round(len(accepted) / seconds, 2) if seconds else None,
+            "shed_fraction": round(self.count(SHED) / self.total, 4) if self.total else None,
+            "accepted_p50_ms": round(float(np.percentile(accepted, 50)), 1) if accepted else None,
+            "accepted_p99_ms": round(float(np.percentile(accepted, 99)), 1) if accepted else None,
+            "shed_without_retry_after": self.retry_after_missing,
+        }
+
+
+async def _one(client: httpx.AsyncClient, path: str, payload: bytes, outcome: Outcome) -> None:
+    started = time.perf_counter()
+    try:
+        response = await client.post(path, files={"image": ("frame.jpg", payload, "image/jpeg")})
+    except httpx.HTTPError as error:
+        outcome.errors.append(type(error).__name__)
+        return
+    outcome.add(
+        response.status_code, (time.perf_counter() - started) * 1000, response.headers.get("retry-after")
+    )
+
+
+async def closed_loop(url: str, path: str, payload: bytes, clients: int, count: int) -> tuple[Outcome, float]:
+    outcome, remaining = Outcome(), [count]
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
+        async def worker() -> None:
+            while remaining[0] > 0:
+                remaining[0] -= 1
+                await _one(client, path, payload, outcome)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return outcome, time.perf_counter() - started
+
+
+async def open_loop(
+    url: str, path: str, payload: bytes, rate: float, seconds: float
+) -> tuple[Outcome, float]:
+    """Requests arrive at `rate` per second whatever the service does: how real phones behave."""
+    outcome, tasks = Outcome(), []
+    async with httpx.AsyncClient(
+        base_url=url, timeout=60, limits=httpx.Limits(max_connections=None)
+    ) as client:
+        started = time.perf_counter()
+        sent = 0
+        while (elapsed := time.perf_counter() - started) < seconds:
+            due = int(elapsed * rate) + 1
+            for _ in range(due - sent):
+                tasks.append(asyncio.create_task(_one(client, path, payload, outcome)))
+            sent = due
+            await asyncio.sleep(0.002)
+        await asyncio.gather(*tasks)
+    return outcome, time.perf_counter() - started
+
+
+def main(args: argparse.Namespace) -> dict[str, object]:
+    args.out.mkdir(parents=True, exist_ok=True)
+    loads = workloads(args.atlas)
+    name = next(n for n in loads if n.startswith("800x600"))
+    payload = loads[name]
+    server = Server(
+        "cervigate",
+        [sys.executable, "-m", "service"],
+        "/readyz",
+        args.endpoint,
+        env={"CERVIGATE_MAX_INFLIGHT": str(args.max_inflight)},
+    )
+    report: dict[str, object] = {
+        "endpoint": args.endpoint,
+        "workload": name,
+        "max_inflight": args.max_inflight,
+    }
+    server.start()
+    try:
+        asyncio.run(closed_loop(server.url, args.endpoint, payload, args.concurrency, 20))  # warm-up
+        capacity, seconds = asyncio.run(
+            closed_loop(server.url, args.endpoint, payload, args.concurrency, args.capacity_requests)
+        )
+        report["capacity"] = capacity.summary(seconds)
+        rate = args.overload_factor * capacity.count(200) / seconds
+        overload, seconds = asyncio.run(
+            open_loop(server.url, args.endpoint, payload, rate, args.overload_seconds)
+        )
+        report["overload"] = {"offered_rps": round(rate, 2), **overload.summary(seconds)}
+        report["ready_after_overload"] = httpx.get(server.url + "/readyz").status_code == 200
+        rss_start = server.rss_mb()
+        soak, seconds = asyncio.run(
+            closed_loop(server.url, args.endpoint, payload, args.concurrency, args.soak_requests)
+        )
+        rss_end = server.rss_mb()
+        report["soak"] = {
+            **soak.summary(seconds),
+            "rss_mb_start": round(rss_start, 1),
+            "rss_mb_end": round(rss_end, 1),
+            "rss_growth_fraction": round((rss_end - rss_start) / rss_start, 4),
+        }
+        report["ready_after_soak"] = httpx.get(server.url + "/readyz").status_code == 200
+    finally:
+        server.stop()
+    report["exit_code"] = server.process.returncode if server.process else None
+    (args.out / "loadtest.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    result = main(get_args_parser().parse_args())
+    print(json.dumps(result, indent=2))
+    sys.exit(0)

@@ -1,0 +1,40 @@
+"""The short variant of `make loadtest`: behaviour under overload and a small soak, never timing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import loadtest
+
+pytestmark = pytest.mark.slow
+
+
+def test_overload_sheds_with_503_and_retry_after_and_nothing_else_fails(tmp_path: Path) -> None:
+    args = loadtest.get_args_parser().parse_args(
+        [
+            "--out",
+            str(tmp_path),
+            "--capacity-requests",
+            "40",
+            "--overload-seconds",
+            "5",
+            "--soak-requests",
+            "150",
+            "--max-inflight",
+            "4",
+        ]
+    )
+    report = loadtest.main(args)
+    capacity, overload, soak = report["capacity"], report["overload"], report["soak"]
+    assert capacity["by_status"] == {"200": 40} and capacity["transport_errors"] == 0
+    # At twice the measured capacity the service turns work away rather than queueing it without bound...
+    assert set(overload["by_status"]) <= {"200", "503"}, overload["by_status"]
+    assert overload["by_status"].get("503", 0) > 0 and overload["shed_without_retry_after"] == 0
+    assert overload["by_status"].get("200", 0) > 0 and overload["transport_errors"] == 0
+    # ...stays ready, serves a soak afterwards without an error, and stops cleanly.
+    assert report["ready_after_overload"] and report["ready_after_soak"]
+    assert soak["by_status"] == {"200": 150} and soak["transport_errors"] == 0
+    assert report["exit_code"] in (0, -15)  # uvicorn re-raises the SIGTERM it handled
+    assert (tmp_path / "loadtest.json").is_file()
