@@ -1,0 +1,181 @@
+"""The bad-input corpus (generated, never stored) and fuzzing: every input gets an answer, never a 5xx."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from service.app import create_app
+from service.settings import Settings
+from tests import service_inputs as make
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(max_upload_bytes=2_000_000))) as test_client:
+        yield test_client
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_header_claiming(width: int, height: int) -> bytes:
+    """A decompression bomb: a well-formed PNG that claims `width` x `height` and carries a few hundred
+    bytes of compressed zeros. Decoding it would allocate width x height x 3 bytes."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(bytes(100_000), 9)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def _animated(fmt: str) -> bytes:
+    frames = [Image.fromarray(np.full((100, 100, 3), v, np.uint8)) for v in (0, 200)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:])
+    return buffer.getvalue()
+
+
+JPEG = make.encode(np.zeros((100, 100, 3), np.uint8))
+PNG = make.encode(np.zeros((100, 100, 3), np.uint8), "PNG")
+CORPUS: list[tuple[str, bytes, str, int, str]] = [
+    # name, body, content type, status, code
+    ("empty", b"", "image/jpeg", 400, "empty_upload"),
+    ("truncated jpeg", JPEG[: len(JPEG) // 3], "image/jpeg", 422, "undecodable_image"),
+    ("truncated png", PNG[: len(PNG) // 3], "image/png", 422, "undecodable_image"),
+    ("random bytes as jpeg", np.random.default_rng(0).bytes(5000), "image/jpeg", 422, "undecodable_image"),
+    ("text", b"just some text", "text/plain", 415, "unsupported_media_type"),
+    ("html", b"<html><body><img src=x></body></html>", "text/html", 415, "unsupported_media_type"),
+    (
+        "svg as image",
+        b'<svg xmlns="http://www.w3.org/2000/svg"><rect width="9" height="9"/></svg>',
+        "image/svg+xml",
+        422,
+        "undecodable_image",
+    ),
+    (
+        "pdf as image",
+        b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF",
+        "image/jpeg",
+        422,
+        "undecodable_image",
+    ),
+    ("pdf", b"%PDF-1.4\n%%EOF", "application/pdf", 415, "unsupported_media_type"),
+    ("zip as image", b"PK\x03\x04" + bytes(200), "image/png", 422, "undecodable_image"),
+    ("bomb: 40000x40000 header", _png_header_claiming(40000, 40000), "image/png", 413, "too_many_pixels"),
+    ("header claiming 2^31 pixels", _png_header_claiming(65536, 32768), "image/png", 413, "too_many_pixels"),
+    ("1x1", make.encode(np.zeros((1, 1, 3), np.uint8), "PNG"), "image/png", 422, "image_too_small"),
+    ("20000x2", make.encode(np.zeros((2, 20000, 3), np.uint8), "PNG"), "image/png", 422, "image_too_small"),
+    ("animated gif", _animated("GIF"), "image/gif", 415, "unsupported_image_type"),
+    ("animated webp", _animated("WEBP"), "image/webp", 422, "animated_image"),
+    (
+        "bmp",
+        make.encode(np.zeros((100, 100, 3), np.uint8), "BMP"),
+        "image/bmp",
+        415,
+        "unsupported_image_type",
+    ),
+    ("over the upload limit", b"\xff\xd8" + bytes(2_100_000), "image/jpeg", 413, "upload_too_large"),
+    ("no content type", JPEG, "", 415, "unsupported_media_type"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "content_type", "status", "code"), CORPUS, ids=[c[0] for c in CORPUS]
+)
+def test_bad_input_gets_its_problem(
+    client: TestClient, name: str, body: bytes, content_type: str, status: int, code: str
+) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    response = client.post("/v1/assess", content=body, headers=headers)
+    assert response.status_code == status, (name, response.text)
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["code"] == code
+
+
+@pytest.mark.parametrize("variant", ["png16", "cmyk", "grey", "palette_alpha", "la", "rgba", "orientations"])
+def test_odd_but_valid_images_are_answered(client: TestClient, variant: str) -> None:
+    base = Image.fromarray(np.random.default_rng(1).integers(0, 255, (240, 320, 3), dtype=np.uint8))
+    bodies = {
+        "png16": [make.encode(Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257), "PNG")],
+        "cmyk": [make.encode(base.convert("CMYK"))],
+        "grey": [make.encode(base.convert("L"))],
+        "palette_alpha": [make.encode(base.convert("RGBA").convert("P"), "PNG", transparency=0)],
+        "la": [make.encode(base.convert("LA"), "PNG")],
+        "rgba": [make.encode(base.convert("RGBA"), "PNG")],
+        "orientations": [make.encode(base, exif=_exif(o)) for o in range(1, 9)],
+    }[variant]
+    for body in bodies:
+        response = client.post("/v1/quality", files={"image": ("p", body, "application/octet-stream")})
+        assert response.status_code == 200, response.text
+        assert response.json()["decision"] in ("recapture", "accept")
+
+
+def _exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+@pytest.mark.parametrize(
+    "filename", ["../../etc/passwd", "ÉCHOGRAPHIE ✓.jpg", "a" * 500 + ".jpg", "name\twith\ttabs.jpg", ""]
+)
+def test_odd_filenames_are_ignored(client: TestClient, filename: str) -> None:
+    body = make.encode(np.full((240, 320, 3), 60, np.uint8))
+    response = client.post("/v1/quality", files={"image": (filename, body, "image/jpeg")})
+    assert response.status_code == 200, response.text
+    assert filename not in response.text or not filename
+
+
+def test_service_stays_ready_after_the_corpus(client: TestClient) -> None:
+    for _, body, content_type, _, _ in CORPUS:
+        client.post(
+            "/v1/quality", content=body, headers={"content-type": content_type} if content_type else {}
+        )
+    assert client.get("/readyz").status_code == 200
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.binary(max_size=4096), content_type=st.sampled_from(["image/jpeg", "image/png", "image/webp"]))
+def test_fuzzed_bytes_never_cause_a_server_error(client: TestClient, body: bytes, content_type: str) -> None:
+    response = client.post("/v1/assess", content=body, headers={"content-type": content_type})
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["code"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flips=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), min_size=1, max_size=12))
+def test_corrupted_jpegs_are_answered_or_refused_never_500(client: TestClient, flips: list) -> None:
+    """A real JPEG with random bytes overwritten: headers, tables and entropy data all get hit."""
+    body = bytearray(make.encode(np.random.default_rng(2).integers(0, 255, (240, 320, 3), dtype=np.uint8)))
+    for position, value in flips:
+        body[position % len(body)] = value
+    response = client.post("/v1/quality", content=bytes(body), headers={"content-type": "image/jpeg"})
+    assert response.status_code == 200 or 400 <= response.status_code < 500, response.text
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    include=st.text(max_size=30),
+    language=st.text(max_size=40),
+    request_id=st.text(max_size=60),
+)
+def test_fuzzed_parameters_and_headers(
+    client: TestClient, include: str, language: str, request_id: str
+) -> None:
+    headers = {"content-type": "image/jpeg"}
+    for name, value in (("Accept-Language", language), ("X-Request-ID", request_id)):
+        if value.isascii() and value.isprintable():  # what an HTTP client can put in a header at all
+            headers[name] = value
+    response = client.post("/v1/assess", params={"include": include}, content=JPEG, headers=headers)
+    assert response.status_code in (200, 422), response.text
