@@ -94,14 +94,20 @@ UPLOAD_BODY: dict[str, Any] = {
 }
 
 
+UPLOAD_PROBLEMS = (400, 401, 403, 408, 413, 415, 422, 503, 504)
+
+
 def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     described = {
         400: "empty upload or malformed multipart",
-        401: "missing API key",
+        401: "missing or unknown API key (when keys are configured)",
+        403: "a valid key used where it has no right",
+        408: "the upload did not arrive in time",
         413: "upload or pixel count over the limit",
         415: "content type or image format not accepted",
         422: "not a usable image, missing field or invalid parameter",
         503: "overloaded (with Retry-After) or not ready",
+        504: "no answer within the request deadline",
     }
     schema = {"schema": {"$ref": "#/components/schemas/Problem"}}
     return {s: {"description": described[s], "content": {PROBLEM_MEDIA_TYPE: schema}} for s in statuses}
@@ -163,7 +169,20 @@ class AssessmentService:
         async with self.admission.slot():
             data = await read_image(request, self.settings.max_upload_bytes, self.settings.upload_timeout_s)
             run = partial(self.assess_and_render, data, diagnose=diagnose, include=include)
-            assessment, review_images = await anyio.to_thread.run_sync(run, limiter=self.limiter)
+            try:
+                with anyio.fail_after(self.settings.request_deadline_s):
+                    # Abandoned on timeout: the thread cannot be interrupted and finishes on its own, still
+                    # holding its worker slot, so the bound on concurrent inference work holds.
+                    assessment, review_images = await anyio.to_thread.run_sync(
+                        run, limiter=self.limiter, abandon_on_cancel=True
+                    )
+            except TimeoutError as error:
+                raise ProblemError(
+                    504,
+                    "deadline_exceeded",
+                    f"no answer within {self.settings.request_deadline_s:g} s (queue or a very large photo); "
+                    "take the photo again",
+                ) from error
         self.metrics.observe_stages(assessment.timings_ms)
         self.metrics.observe_decision(assessment.decision, (r.value for r in assessment.reasons))
         request.state.log_fields = {
@@ -286,7 +305,7 @@ api = APIRouter(dependencies=[Depends(require_api_key)])  # /v1/*: API keys when
     "/v1/assess",
     summary="Full assessment: recapture (with reasons and advice) or a diagnosis",
     response_model=AssessmentOut,
-    responses=_problems(400, 413, 415, 422, 503) | _EXAMPLE_RESPONSE,
+    responses=_problems(*UPLOAD_PROBLEMS) | _EXAMPLE_RESPONSE,
     openapi_extra=UPLOAD_BODY,
 )
 async def assess(
@@ -299,7 +318,7 @@ async def assess(
     "/v1/quality",
     summary="Fast capture gate for preview frames: detect, crop, quality checks; no diagnosis",
     response_model=AssessmentOut,
-    responses=_problems(400, 413, 415, 422, 503),
+    responses=_problems(*UPLOAD_PROBLEMS),
     openapi_extra=UPLOAD_BODY,
 )
 async def quality(request: Request, service: ServiceDep, language: LanguageDep) -> Response:
@@ -310,7 +329,7 @@ async def quality(request: Request, service: ServiceDep, language: LanguageDep) 
     "/v1/models",
     summary="The loaded models, their thresholds and held-out metrics",
     response_model=ModelsOut,
-    responses=_problems(503),
+    responses=_problems(401, 403, 503),
 )
 async def models(service: ServiceDep) -> ModelsOut:
     return ModelsOut(models=[_model_out(model.manifest) for model in service.pipeline.models])

@@ -35,6 +35,7 @@ TITLES = {
     "invalid_api_key": "The API key is not valid",
     "forbidden": "Not allowed with this key",
     "upload_timeout": "The upload took too long",
+    "deadline_exceeded": "No answer within the deadline",
     "client_disconnected": "The client disconnected",
 }
 

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
         ge=1,
         description="width x height above this gets 413 (50 MP phones' full mode fits)",
     )
+    request_deadline_s: float = Field(
+        default=10.0, gt=0, description="queueing plus processing beyond this gets 504; the phone retries"
+    )
     upload_timeout_s: float = Field(
         default=30.0, gt=0, description="a request body not received within this gets 408"
     )

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import struct
+import sys
 import zlib
 from collections.abc import Iterator
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -14,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from bench.run import Server
 from service.app import create_app
 from service.settings import Settings
 from tests import service_inputs as make
@@ -179,3 +182,37 @@ def test_fuzzed_parameters_and_headers(
             headers[name] = value
     response = client.post("/v1/assess", params={"include": include}, content=JPEG, headers=headers)
     assert response.status_code in (200, 422), response.text
+
+
+def test_memory_returns_to_baseline_after_the_corpus() -> None:
+    """A live server's resident memory after five passes of the corpus, against after one (allocator warm)."""
+    server = Server(
+        "cervigate",
+        [sys.executable, "-m", "service"],
+        "/readyz",
+        "/v1/assess",
+        env={"CERVIGATE_MAX_UPLOAD_BYTES": "2000000"},
+    )
+    server.start()
+    try:
+        good = make.encode(np.full((480, 640, 3), 90, np.uint8))
+
+        def one_pass(client: httpx.Client) -> None:
+            for _ in range(10):
+                assert client.post(
+                    "/v1/assess", content=good, headers={"content-type": "image/jpeg"}
+                ).is_success
+            for name, body, content_type, status, _ in CORPUS:
+                headers = {"content-type": content_type} if content_type else {}
+                assert client.post("/v1/assess", content=body, headers=headers).status_code == status, name
+
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            one_pass(client)
+            baseline = server.rss_mb()
+            for _ in range(5):
+                one_pass(client)
+            after = server.rss_mb()
+            assert client.get("/readyz").status_code == 200
+    finally:
+        server.stop()
+    assert (after - baseline) / baseline < 0.05, (baseline, after)

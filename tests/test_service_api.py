@@ -6,6 +6,8 @@ import base64
 import io
 import json
 import shutil
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -488,3 +490,47 @@ def test_tampered_model_stops_startup(tmp_path: Path) -> None:
         TestClient(create_app(Settings(models_dir=models))),
     ):
         pass
+
+
+def test_deadline_gives_504_and_the_service_stays_ready(monkeypatch: pytest.MonkeyPatch) -> None:
+    with TestClient(create_app(Settings(request_deadline_s=0.3)), raise_server_exceptions=False) as fresh:
+
+        def slow(*args: object, **kwargs: object) -> None:
+            time.sleep(1.0)
+
+        monkeypatch.setattr(fresh.app.state.service.pipeline, "assess", slow)
+        response = fresh.post(
+            "/v1/quality",
+            content=make.encode(np.zeros((100, 100, 3), np.uint8)),
+            headers={"content-type": "image/jpeg"},
+        )
+        _problem(response, 504, "deadline_exceeded")
+        assert fresh.get("/readyz").status_code == 200
+
+
+def test_no_exif_or_gps_comes_back_and_nothing_touches_the_disk(
+    client: TestClient, acetic_photo: Image.Image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where any spooled upload would land
+    exif = Image.Exif()
+    gps = exif.get_ifd(0x8825)
+    gps[1], gps[2], gps[3], gps[4] = (
+        "S",
+        (1.0, 17.0, 33.123),
+        "E",
+        (36.0, 49.0, 12.987),
+    )  # a clinic's location
+    exif[0x010E] = "PATIENT-0042"
+    big = make.encode(acetic_photo.resize((4032, 3024)), exif=exif, quality=98)
+    assert len(big) > 1_048_576  # above Starlette's in-memory spool limit for form files
+    response = client.post("/v1/assess?include=mask,overlay", files={"image": ("p.jpg", big, "image/jpeg")})
+    assert response.status_code == 200
+    body = response.json()
+    images = {key: body["lesion"].pop(key) for key in ("mask_png", "overlay_jpeg")}
+    text = json.dumps(body)  # everything but the two images, which are checked as images below
+    for leak in ("PATIENT-0042", "GPS", "33.123", "12.987"):
+        assert leak not in text, leak
+    for encoded in images.values():
+        image = Image.open(io.BytesIO(base64.b64decode(encoded)))
+        assert not image.getexif() and "exif" not in image.info
+    assert not list(tmp_path.iterdir()), "an upload was written to a temporary file"
