@@ -6,6 +6,7 @@ Run it with `make serve` or `python -m service`; configure it with `CERVIGATE_*`
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -152,6 +153,7 @@ class AssessmentService:
         self.pipeline = Pipeline(models, settings)
         self.admission = Admission(settings, metrics)
         self.limiter = anyio.CapacityLimiter(settings.inference_workers)
+        self.compute_slots = threading.BoundedSemaphore(settings.inference_workers)
         self.versions = {model.manifest.name: model.manifest.version for model in models}
 
     def warm_up(self) -> None:
@@ -171,8 +173,8 @@ class AssessmentService:
             run = partial(self.assess_and_render, data, diagnose=diagnose, include=include)
             try:
                 with anyio.fail_after(self.settings.request_deadline_s):
-                    # Abandoned on timeout: the thread cannot be interrupted and finishes on its own, still
-                    # holding its worker slot, so the bound on concurrent inference work holds.
+                    # Abandoned on timeout: the thread cannot be interrupted and finishes on its own; anyio
+                    # then frees its limiter token, so the thread holds a compute slot of its own (below).
                     assessment, review_images = await anyio.to_thread.run_sync(
                         run, limiter=self.limiter, abandon_on_cancel=True
                     )
@@ -199,7 +201,16 @@ class AssessmentService:
         )
 
     def assess_and_render(self, data: bytes, *, diagnose: bool, include: set[str]) -> tuple[Assessment, dict]:
-        """The pipeline, then the review images asked for: all CPU work, run in a worker thread."""
+        """The pipeline, then the review images asked for: all CPU work, run in a worker thread.
+
+        The compute slot is held by the thread itself, so requests abandoned at their deadline still count
+        against `inference_workers` until their work is really done."""
+        with self.compute_slots:
+            return self._assess_and_render(data, diagnose=diagnose, include=include)
+
+    def _assess_and_render(
+        self, data: bytes, *, diagnose: bool, include: set[str]
+    ) -> tuple[Assessment, dict]:
         assessment = self.pipeline.assess(data, diagnose=diagnose)
         images: dict[str, str] = {}
         lesion, crop_rgb, threshold = assessment.lesion, assessment.crop_rgb, self.pipeline.rules.lesion

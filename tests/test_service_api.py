@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -534,3 +535,31 @@ def test_no_exif_or_gps_comes_back_and_nothing_touches_the_disk(
         image = Image.open(io.BytesIO(base64.b64decode(encoded)))
         assert not image.getexif() and "exif" not in image.info
     assert not list(tmp_path.iterdir()), "an upload was written to a temporary file"
+
+
+def test_work_abandoned_at_its_deadline_still_counts_against_the_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = Settings(request_deadline_s=0.2, inference_workers=1)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as fresh:
+        running, most = [0], [0]
+        lock = threading.Lock()
+
+        def slow(*args: object, **kwargs: object) -> None:
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.5)
+            with lock:
+                running[0] -= 1
+
+        monkeypatch.setattr(fresh.app.state.service.pipeline, "assess", slow)
+        frame = make.encode(np.zeros((100, 100, 3), np.uint8))
+        for _ in range(3):  # each times out while the previous abandoned one may still be running
+            _problem(
+                fresh.post("/v1/quality", content=frame, headers={"content-type": "image/jpeg"}),
+                504,
+                "deadline_exceeded",
+            )
+        time.sleep(1.2)
+        assert most[0] == 1  # never two pipelines at once with one worker
