@@ -191,7 +191,8 @@ class Floor:
 
     def prepare(self, payload: bytes) -> list[np.ndarray]:
         rgb = np.asarray(Image.open(io.BytesIO(payload)).convert("RGB"))
-        region = crop_box((0, 0, rgb.shape[1], rgb.shape[0]), rgb.shape[1], rgb.shape[0], 0.1)
+        margin = float(self.models.quality.manifest.extra["crop_margin"])  # type: ignore[arg-type]
+        region = crop_box((0, 0, rgb.shape[1], rgb.shape[0]), rgb.shape[1], rgb.shape[0], margin)
         cropped = crop(rgb, region)
         segmenter_input, _ = fit(cropped, self.models.segmenter.manifest.input)
         lesion = np.full(segmenter_input.shape[:2], 128, np.uint8)

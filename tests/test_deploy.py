@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
+from bench.run import free_port
 from service.app import create_app
 from service.settings import Settings
 from tests import service_inputs as make
@@ -46,12 +46,6 @@ def _tool(name: str) -> str:
         )
         pytest.skip(f"{name} is not installed here: install {hint}; .ci/run does")
     return found
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str, timeout: float = 2.0) -> bytes:
@@ -196,7 +190,7 @@ def test_dashboards_and_alerts_use_only_metrics_the_service_exports() -> None:
 
 @pytest.fixture(scope="module")
 def live_service() -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     env = os.environ | {"CERVIGATE_PORT": str(port), "CERVIGATE_LOG_LEVEL": "warning"}
     process = subprocess.Popen(
         [sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=subprocess.DEVNULL
@@ -221,7 +215,7 @@ def test_live_prometheus_scrapes_the_service_and_evaluates_every_alert(
     config["scrape_configs"][0]["static_configs"] = [{"targets": [live_service]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     shutil.copy(ALERTS, tmp_path / "alerts.yml")
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             prometheus,
@@ -299,7 +293,7 @@ def test_dockerfile_install_and_start_lines_work(tmp_path: Path) -> None:
         [str(venv / "bin" / "pip"), "list"], capture_output=True, text=True
     ).stdout.lower()
     assert "onnxruntime" in installed and "torch" not in installed
-    port = _free_port()
+    port = free_port()
     env = {
         "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
         "CERVIGATE_HOST": "127.0.0.1",

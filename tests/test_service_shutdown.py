@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,20 +15,15 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.run import free_port
 from tests import service_inputs as make
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_sigterm_drains_then_finishes_in_flight_work_then_exits() -> None:
-    port = _free_port()
+    port = free_port()
     env = os.environ | {
         "CERVIGATE_PORT": str(port),
         "CERVIGATE_LOG_LEVEL": "warning",
