@@ -56,12 +56,12 @@ models: $(DEV_STAMP)
 	done
 
 # CerviGate over HTTP vs a naive PyTorch service vs the decode + inference floor, interleaved in one run:
-# writes bench/out/summary.json, table.md and latency.png (about 10 minutes here). Never part of `make test`.
+# writes bench/out/summary.json, table.md and latency.png (3 min here). Never part of `make test`.
 bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.run --out bench/out
 
 # Capacity, overload at 2x capacity (503 + Retry-After shedding) and a 10,000-request soak (RSS growth), over
-# loopback against a server it starts: bench/out/loadtest.json. About 15 minutes here; CI runs a short variant.
+# loopback against a server it starts: bench/out/loadtest.json. 6 min here; CI runs a short variant.
 loadtest: $(DEV_STAMP)
 	$(BIN)/python -m bench.loadtest --out bench/out
 
