@@ -41,6 +41,7 @@ from service.schemas import (
     ReasonOut,
 )
 from service.settings import Settings
+from service.spare import SpareCores
 from service.telemetry import Metrics, ObservabilityMiddleware
 from service.uploads import IMAGE_FIELD, read_image
 
@@ -150,10 +151,15 @@ class AssessmentService:
 
     def __init__(self, settings: Settings, models: ModelSet, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
-        self.pipeline = Pipeline(models, settings)
         self.admission = Admission(settings, metrics)
         self.limiter = anyio.CapacityLimiter(settings.inference_workers)
         self.compute_slots = threading.BoundedSemaphore(settings.inference_workers)
+        self.spare = SpareCores(
+            self.compute_slots if settings.overlap_stages and settings.inference_workers > 1 else None,
+            settings.inference_workers,
+            demand=lambda: self.admission.inflight,
+        )
+        self.pipeline = Pipeline(models, settings, self.spare)
         self.versions = {model.manifest.name: model.manifest.version for model in models}
 
     def warm_up(self) -> None:
@@ -409,6 +415,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         app.state.ready = False
         app.state.metrics.ready.set(0)
+        await anyio.to_thread.run_sync(service.spare.close)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

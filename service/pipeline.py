@@ -8,10 +8,10 @@ thresholds from its model's manifest, so the service does exactly what was measu
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -21,10 +21,13 @@ from service.preprocess import crop_box, fit, normalize, prepare
 from service.reasons import Reason, ordered
 from service.runtime import ModelConfigurationError, ModelSet
 from service.settings import Settings
+from service.spare import NO_SPARE_CORES, SpareCores
 from service.voting import variant_batch, voting_variants, weighted_vote
 
+T = TypeVar("T")
 Box = tuple[float, float, float, float]
 Region = tuple[int, int, int, int]
+Variants = dict[str, tuple[np.ndarray, np.ndarray]]  # voting variant name -> (RGB, lesion channel)
 STAGES = ("decode", "detect", "quality", "segment", "classify")
 _EDGE_TOLERANCE = 0.02  # a box within 2 % of the frame's size from an edge touches it
 
@@ -126,8 +129,9 @@ class Rules:
 
 
 class Pipeline:
-    def __init__(self, models: ModelSet, settings: Settings) -> None:
+    def __init__(self, models: ModelSet, settings: Settings, spare: SpareCores = NO_SPARE_CORES) -> None:
         self.models = models
+        self.spare = spare
         self.rules = Rules.from_models(models, settings)
         self.limits = DecodeLimits(settings.max_pixels, settings.min_image_side, settings.decode_min_side)
         voting = models.severity.manifest.extra.get("voting")
@@ -163,13 +167,22 @@ class Pipeline:
         result.reasons = framing_reasons(detection.box, image.original_size, self.rules)
         with _timed(timings, "decode"):  # a full-resolution re-decode, when the crop needs one, is decoding
             result.crop_rgb = image.region(result.region, self.models.quality.manifest.input.width)
+        crop_rgb = result.crop_rgb
+        # Segmentation does not depend on the quality verdict: on an idle core it runs alongside the quality
+        # model, and a recapture simply drops its result.
+        early_segment = None
+        if diagnose:
+            early_segment = self.spare.try_submit(lambda: _timed_call(self.segment, crop_rgb))
         with _timed(timings, "quality"):
-            result.quality = self.check_quality(result.crop_rgb)
+            result.quality = self.check_quality(crop_rgb)
         result.reasons = ordered(set(result.reasons) | quality_reasons(result.quality, self.rules))
         if result.reasons or not diagnose:
             return _finish(result, started)
-        with _timed(timings, "segment"):
-            result.lesion = self.segment(result.crop_rgb)
+        if early_segment is not None:
+            result.lesion, timings["segment"] = early_segment.result()
+        else:
+            with _timed(timings, "segment"):
+                result.lesion = self.segment(crop_rgb)
         with _timed(timings, "classify"):
             result.diagnosis = self.classify(result.lesion)
         return _finish(result, started)
@@ -242,13 +255,21 @@ class Pipeline:
         )
 
     def classify(self, lesion: Lesion) -> Diagnosis:
-        model = self.models.severity
         variants = voting_variants(lesion.fitted_rgb, lesion.lesion_channel, self.voting_brightness)
-        batch = variant_batch(variants, self.voting_order, model.manifest.input)
-        logits = model.run(batch)["cin2plus_logit"][:, 0]
+        half = len(self.voting_order) // 2
+        first, second = self.voting_order[:half], self.voting_order[half:]
+        other_half = self.spare.try_submit(lambda: self._variant_logits(variants, second))
+        if other_half is None:
+            logits = self._variant_logits(variants, self.voting_order)
+        else:  # two half batches on two cores
+            logits = np.concatenate([self._variant_logits(variants, first), other_half.result()])
         by_variant = dict(zip(self.voting_order, _sigmoid(logits).tolist(), strict=True))
         probability = weighted_vote(by_variant, self.voting_weights)
         return Diagnosis(probability=probability, referral=probability >= self.rules.cin2plus)
+
+    def _variant_logits(self, variants: Variants, order: list[str]) -> np.ndarray:
+        model = self.models.severity
+        return model.run(variant_batch(variants, order, model.manifest.input))["cin2plus_logit"][:, 0]
 
 
 # --- decision rules: pure functions of model outputs and thresholds -------------------------------------
@@ -296,6 +317,12 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         yield
     finally:
         timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - started) * 1000.0
+
+
+def _timed_call(stage: Callable[[np.ndarray], T], argument: np.ndarray) -> tuple[T, float]:
+    """A stage's result and its duration in ms, for stages that run on another thread."""
+    started = time.perf_counter()
+    return stage(argument), (time.perf_counter() - started) * 1000.0
 
 
 def _finish(result: Assessment, started: float) -> Assessment:
