@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import shlex
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,7 +17,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from training import engine
+from service.manifest import InputSpec, OutputSpec
+from service.preprocess import prepare
+from training import engine, presets
+from training import export as export_step
 from training.data import catalog
 from training.data.adapters import DEFAULT_ATLAS
 from training.data.records import ImageRecord, LabelledImage
@@ -195,6 +199,62 @@ def parity_images(atlas: Path, count: int = 2) -> list[LabelledImage]:
     if atlas.is_dir():
         images += [r.load() for r in iarc_atlas(atlas)[:count]]
     return images
+
+
+@dataclass(frozen=True)
+class TaskDescription:
+    """What a task's manifest says that the export step cannot measure: outputs, thresholds, intent."""
+
+    outputs: tuple[OutputSpec, ...]
+    thresholds: dict[str, float]
+    extra: dict[str, object]
+    intended_use: str
+    limitations: str
+    changelog: list[str]
+    labels: dict[str, list[str]] = field(default_factory=dict)
+
+
+def default_parity_input(rgb: np.ndarray, spec: InputSpec) -> np.ndarray:
+    return prepare(rgb, spec)[0]
+
+
+def export_task(
+    args: argparse.Namespace,
+    task: str,
+    make: Callable[[], nn.Module],
+    describe: Callable[[dict[str, Any], dict[str, Any]], TaskDescription],
+    parity_input: Callable[[np.ndarray, InputSpec], np.ndarray] = default_parity_input,
+) -> export_step.ExportResult:
+    """The export step of every task: the run's final model, its metrics and the task's description become
+    model.onnx + manifest.json + MODEL_CARD.md, after a PyTorch vs ONNX Runtime parity check.
+
+    `describe(metrics, checkpoint)` gives the task's own manifest fields; `parity_input` turns a parity photo
+    into a model input (the default is the task's deterministic preprocessing)."""
+    model, checkpoint = load_final(args.run_dir, make)
+    summary = json.loads((args.run_dir / "metrics.json").read_text())
+    spec = presets.INPUT_SPECS[task]
+    description = describe(summary, checkpoint)
+    return export_step.export_onnx(
+        model,
+        export_step.ExportSpec(
+            name=task,
+            version=args.version,
+            input=spec,
+            outputs=description.outputs,
+            labels=description.labels,
+            thresholds=description.thresholds,
+            extra=description.extra,
+            metrics=summary,
+            training_data=training_data_summary(task, checkpoint),
+            command=str(checkpoint["command"]),
+            intended_use=description.intended_use,
+            limitations=description.limitations,
+            changelog=description.changelog,
+        ),
+        args.models_dir / task,
+        parity_inputs=[parity_input(image.image, spec) for image in parity_images(args.atlas)],
+        atol=args.parity_atol,
+    )
 
 
 def training_data_summary(task: str, checkpoint: dict[str, object]) -> dict[str, object]:

@@ -210,37 +210,25 @@ def _plot_examples(model: CervixDetector, checkpoint: dict[str, object], path: P
 
 
 def export(args: argparse.Namespace) -> export_step.ExportResult:
-    model, checkpoint = common.load_final(args.run_dir, CervixDetector)
-    summary = json.loads((args.run_dir / "metrics.json").read_text())
-    spec = presets.INPUT_SPECS[TASK]
-    parity = [prepare(image.image, spec)[0] for image in common.parity_images(args.atlas)]
-    return export_step.export_onnx(
-        model,
-        export_step.ExportSpec(
-            name=TASK,
-            version=args.version,
-            input=spec,
-            outputs=OUTPUTS,
-            thresholds={"cervix_present": float(summary.get("threshold", 0.5))},
-            extra={
-                "box_format": "cx, cy, w, h in 0..1 of the model input; undo the letterbox to get pixels",
-                "score": "sigmoid(cervix_logit)",
-            },
-            metrics=summary,
-            training_data=common.training_data_summary(TASK, checkpoint),
-            command=str(checkpoint["command"]),
-            intended_use=(
-                "Find the cervix in a colposcopy photo so the quality and diagnosis models see a "
-                "crop of it; reject photos that show no cervix."
-            ),
-            limitations=(
-                "Trained from scratch on 45 atlas cases (presence only), synthetic scenes (boxes) "
-                "and 24 scikit-image photos; boxes were never learned from real photos. Expect "
-                "misses on unusual framing, devices and skin tones not in the atlas."
-            ),
-            changelog=[f"{args.version}: first release."],
+    return common.export_task(args, TASK, CervixDetector, describe)
+
+
+def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
+    return common.TaskDescription(
+        outputs=OUTPUTS,
+        thresholds={"cervix_present": float(summary.get("threshold", 0.5))},
+        extra={
+            "box_format": "cx, cy, w, h in 0..1 of the model input; undo the letterbox to get pixels",
+            "score": "sigmoid(cervix_logit)",
+        },
+        intended_use=(
+            "Find the cervix in a colposcopy photo so the quality and diagnosis models see a "
+            "crop of it; reject photos that show no cervix."
         ),
-        args.models_dir / TASK,
-        parity_inputs=parity,
-        atol=args.parity_atol,
+        limitations=(
+            "Trained from scratch on 45 atlas cases (presence only), synthetic scenes (boxes) "
+            "and 24 scikit-image photos; boxes were never learned from real photos. Expect "
+            "misses on unusual framing, devices and skin tones not in the atlas."
+        ),
+        changelog=["1.0.0: first release."],
     )

@@ -22,7 +22,6 @@ import torch
 from torch.nn import functional as F
 
 from service.manifest import OutputSpec
-from service.preprocess import prepare
 from training import engine, metrics, presets, reports
 from training import export as export_step
 from training.data.degrade import BLUR_KINDS
@@ -394,53 +393,41 @@ def _plot_focus_vs_blur(real: dict[str, np.ndarray], path: Path) -> Path:
 
 
 def export(args: argparse.Namespace) -> export_step.ExportResult:
+    return common.export_task(args, TASK, new_model, describe)
+
+
+def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
     from service import measures
 
-    model, checkpoint = common.load_final(args.run_dir, new_model)
-    summary = json.loads((args.run_dir / "metrics.json").read_text())
-    spec = presets.INPUT_SPECS[TASK]
-    parity = [prepare(image.image, spec)[0] for image in common.parity_images(args.atlas)]
-    return export_step.export_onnx(
-        model,
-        export_step.ExportSpec(
-            name=TASK,
-            version=args.version,
-            input=spec,
-            outputs=OUTPUTS,
-            labels={"blur_kind_logits": list(BLUR_KINDS), "stage_logits": list(EXAM_STAGES)},
-            thresholds={
-                "not_sharp": float(summary.get("cnn_threshold", 0.5)),  # on 1 - P(sharp)
-                "not_sharp_balanced": float(summary.get("cnn_threshold_balanced", 0.5)),
-                "not_acetic": float(summary.get("not_acetic_threshold", 0.0)),  # on P(acetic)
-                "dark_max": measures.DARK_MAX,
-                "over_min": measures.OVER_MIN,
-                "white_luma": measures.WHITE_LUMA,
-                "over_white_max": measures.OVER_WHITE_MAX,
-                "glare_max": measures.GLARE_MAX,
-            },
-            extra={
-                "crop_margin": presets.CROP_MARGIN,
-                "not_sharp_score": (
-                    "1 - sigmoid(sharp_logit); not sharp when >= thresholds.not_sharp (high-sensitivity "
-                    "operating point) or thresholds.not_sharp_balanced (the service's default)"
-                ),
-                "not_acetic_score": "softmax(stage_logits)[acetic]; not acetic when < thresholds.not_acetic",
-            },
-            metrics=summary,
-            training_data=common.training_data_summary(TASK, checkpoint),
-            command=str(checkpoint["command"]),
-            intended_use=(
-                "Decide at capture time whether a cervix crop is sharp enough to assess, whether "
-                "blur is defocus or motion (the advice differs), and the exam stage."
+    return common.TaskDescription(
+        outputs=OUTPUTS,
+        labels={"blur_kind_logits": list(BLUR_KINDS), "stage_logits": list(EXAM_STAGES)},
+        thresholds={
+            "not_sharp": float(summary.get("cnn_threshold", 0.5)),  # on 1 - P(sharp)
+            "not_sharp_balanced": float(summary.get("cnn_threshold_balanced", 0.5)),
+            "not_acetic": float(summary.get("not_acetic_threshold", 0.0)),  # on P(acetic)
+            "dark_max": measures.DARK_MAX,
+            "over_min": measures.OVER_MIN,
+            "white_luma": measures.WHITE_LUMA,
+            "over_white_max": measures.OVER_WHITE_MAX,
+            "glare_max": measures.GLARE_MAX,
+        },
+        extra={
+            "crop_margin": presets.CROP_MARGIN,
+            "not_sharp_score": (
+                "1 - sigmoid(sharp_logit); not sharp when >= thresholds.not_sharp (high-sensitivity "
+                "operating point) or thresholds.not_sharp_balanced (the service's default)"
             ),
-            limitations=(
-                "Blur is learned from simulated degradations of 45 atlas cases and synthetic "
-                "scenes; real field blur, unusual devices or lighting may differ. Exposure and glare "
-                "use the classical measures whose thresholds are listed here."
-            ),
-            changelog=list(CHANGELOG),
+            "not_acetic_score": "softmax(stage_logits)[acetic]; not acetic when < thresholds.not_acetic",
+        },
+        intended_use=(
+            "Decide at capture time whether a cervix crop is sharp enough to assess, whether "
+            "blur is defocus or motion (the advice differs), and the exam stage."
         ),
-        args.models_dir / TASK,
-        parity_inputs=parity,
-        atol=args.parity_atol,
+        limitations=(
+            "Blur is learned from simulated degradations of 45 atlas cases and synthetic "
+            "scenes; real field blur, unusual devices or lighting may differ. Exposure and glare "
+            "use the classical measures whose thresholds are listed here."
+        ),
+        changelog=list(CHANGELOG),
     )

@@ -200,37 +200,25 @@ def _plot_atlas_examples(model: LesionSegmenter, atlas: Path, threshold: float, 
 
 
 def export(args: argparse.Namespace) -> export_step.ExportResult:
-    model, checkpoint = common.load_final(args.run_dir, LesionSegmenter)
-    summary = json.loads((args.run_dir / "metrics.json").read_text())
-    spec = presets.INPUT_SPECS[TASK]
-    parity = [prepare(image.image, spec)[0] for image in common.parity_images(args.atlas)]
-    return export_step.export_onnx(
-        model,
-        export_step.ExportSpec(
-            name=TASK,
-            version=args.version,
-            input=spec,
-            outputs=OUTPUTS,
-            thresholds={"lesion": float(summary["threshold"])},
-            extra={
-                "crop_margin": presets.CROP_MARGIN,
-                "probability": "sigmoid(lesion_logits); lesion where >= thresholds.lesion",
-                "exam_stage": "acetic acid photos only",
-            },
-            metrics=summary,
-            training_data=common.training_data_summary(TASK, checkpoint),
-            command=str(checkpoint["command"]),
-            intended_use=(
-                "Outline acetowhite areas on an acetic-acid cervix crop: the lesion-extent figure and "
-                "the severity model's 4th input channel."
-            ),
-            limitations=(
-                "Learned from synthetic masks only (no traced real lesions were available): "
-                "its real-photo accuracy is unmeasured. Treat the map as a visual aid, not a margin."
-            ),
-            changelog=[f"{args.version}: first release."],
+    return common.export_task(args, TASK, LesionSegmenter, describe)
+
+
+def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
+    return common.TaskDescription(
+        outputs=OUTPUTS,
+        thresholds={"lesion": float(summary["threshold"])},
+        extra={
+            "crop_margin": presets.CROP_MARGIN,
+            "probability": "sigmoid(lesion_logits); lesion where >= thresholds.lesion",
+            "exam_stage": "acetic acid photos only",
+        },
+        intended_use=(
+            "Outline acetowhite areas on an acetic-acid cervix crop: the lesion-extent figure and "
+            "the severity model's 4th input channel."
         ),
-        args.models_dir / TASK,
-        parity_inputs=parity,
-        atol=args.parity_atol,
+        limitations=(
+            "Learned from synthetic masks only (no traced real lesions were available): "
+            "its real-photo accuracy is unmeasured. Treat the map as a visual aid, not a margin."
+        ),
+        changelog=["1.0.0: first release."],
     )

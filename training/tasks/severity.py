@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from service.manifest import Manifest, OutputSpec, read_manifest
+from service.manifest import InputSpec, Manifest, OutputSpec, read_manifest
 from service.preprocess import crop, fit, normalize, prepare
 from service.voting import PAPER_BRIGHTNESS, PAPER_WEIGHTS, variant_batch, voting_variants
 from training import engine, metrics, presets, reports
@@ -360,54 +360,42 @@ def _plot_examples(run_dir: Path, atlas: Path, path: Path) -> Path:
 
 
 def export(args: argparse.Namespace) -> export_step.ExportResult:
-    model, checkpoint = common.load_final(args.run_dir, SeverityNet)
-    summary = json.loads((args.run_dir / "metrics.json").read_text())
-    spec = presets.INPUT_SPECS[TASK]
-    parity = []
-    for image in common.parity_images(args.atlas):
-        rgb, _ = fit(image.image, spec)
-        lesion = (rgb.mean(axis=2) > 140).astype(
-            np.uint8
-        ) * 255  # any plausible 4th channel will do for parity
-        parity.append(normalize(np.dstack([rgb, lesion]), spec))
-    return export_step.export_onnx(
-        model,
-        export_step.ExportSpec(
-            name=TASK,
-            version=args.version,
-            input=spec,
-            outputs=OUTPUTS,
-            thresholds={
-                "cin2plus": float(summary.get("voting_threshold", 0.5)),
-                "cin2plus_single": float(summary.get("single_threshold", 0.5)),
+    return common.export_task(args, TASK, SeverityNet, describe, parity_input)
+
+
+def parity_input(rgb: np.ndarray, spec: InputSpec) -> np.ndarray:
+    fitted, _ = fit(rgb, spec)
+    lesion = (fitted.mean(axis=2) > 140).astype(np.uint8) * 255  # any plausible 4th channel will do
+    return normalize(np.dstack([fitted, lesion]), spec)
+
+
+def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
+    return common.TaskDescription(
+        outputs=OUTPUTS,
+        thresholds={
+            "cin2plus": float(summary.get("voting_threshold", 0.5)),
+            "cin2plus_single": float(summary.get("single_threshold", 0.5)),
+        },
+        extra={
+            "probability": "sigmoid(cin2plus_logit); refer when the vote >= thresholds.cin2plus",
+            "lesion_channel": "the segmenter's sigmoid x 255 on the same letterboxed crop, as uint8",
+            "segmenter_sha256": checkpoint.get("segmenter_sha256"),
+            "voting": {
+                "order": list(VOTING_ORDER),
+                "weights": PAPER_WEIGHTS,
+                "brightness": PAPER_BRIGHTNESS,
+                "rule": "service.voting: weighted mean of P(CIN2+) over the variants",
             },
-            extra={
-                "probability": "sigmoid(cin2plus_logit); refer when the vote >= thresholds.cin2plus",
-                "lesion_channel": "the segmenter's sigmoid x 255 on the same letterboxed crop, as uint8",
-                "segmenter_sha256": checkpoint.get("segmenter_sha256"),
-                "voting": {
-                    "order": list(VOTING_ORDER),
-                    "weights": PAPER_WEIGHTS,
-                    "brightness": PAPER_BRIGHTNESS,
-                    "rule": "service.voting: weighted mean of P(CIN2+) over the variants",
-                },
-                "crop_margin": presets.CROP_MARGIN,
-            },
-            metrics=summary,
-            training_data=common.training_data_summary(TASK, checkpoint),
-            command=str(checkpoint["command"]),
-            intended_use=(
-                "Estimate, from an acetic-acid cervix photo, the probability of CIN2+ to support a referral "
-                "decision by a trained health worker. Research reference model, not a medical device."
-            ),
-            limitations=(
-                "Real training data is 44 atlas cases with case-level histology (HSIL vs LSIL, no normals): "
-                "specificity on a screening population (mostly normal) is unmeasured. The lesion channel "
-                "comes from a segmenter trained on synthetic masks."
-            ),
-            changelog=[f"{args.version}: first release."],
+            "crop_margin": presets.CROP_MARGIN,
+        },
+        intended_use=(
+            "Estimate, from an acetic-acid cervix photo, the probability of CIN2+ to support a referral "
+            "decision by a trained health worker. Research reference model, not a medical device."
         ),
-        args.models_dir / TASK,
-        parity_inputs=parity,
-        atol=args.parity_atol,
+        limitations=(
+            "Real training data is 44 atlas cases with case-level histology (HSIL vs LSIL, no normals): "
+            "specificity on a screening population (mostly normal) is unmeasured. The lesion channel "
+            "comes from a segmenter trained on synthetic masks."
+        ),
+        changelog=["1.0.0: first release."],
     )
