@@ -169,9 +169,9 @@ class Pipeline:
             result.crop_rgb = image.region(result.region, self.models.quality.manifest.input.width)
         crop_rgb = result.crop_rgb
         # Segmentation does not depend on the quality verdict: on an idle core it runs alongside the quality
-        # model, and a recapture simply drops its result.
+        # model, and a recapture simply drops its result. A framing problem already means recapture.
         early_segment = None
-        if diagnose:
+        if diagnose and not result.reasons:
             early_segment = self.spare.try_submit(lambda: _timed_call(self.segment, crop_rgb))
         with _timed(timings, "quality"):
             result.quality = self.check_quality(crop_rgb)

@@ -26,7 +26,9 @@ class SpareCores:
         """`demand`: how many requests are admitted now (each will want a slot of its own)."""
         self._slots, self._workers, self._demand = slots, workers, demand
         self._executor = (
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cervigate-spare") if slots else None
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cervigate-spare")
+            if slots is not None
+            else None
         )
 
     def try_submit(self, task: Callable[[], T]) -> Future[T] | None:
