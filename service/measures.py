@@ -29,11 +29,15 @@ class ExposureRule:
     over_min: float = OVER_MIN
     white_luma: float = WHITE_LUMA
     over_white_max: float = OVER_WHITE_MAX
+    # What the thresholds are measured over: part of the rule, so a served model keeps the definition its
+    # manifest was written with.
+    saturated_level: int = SATURATED_LEVEL
+    tissue_semi_axes: tuple[float, float] = TISSUE_SEMI_AXES
 
 
 @functools.lru_cache(maxsize=16)
-def _tissue_ellipse_cached(height: int, width: int) -> np.ndarray:
-    ax, ay = TISSUE_SEMI_AXES
+def _tissue_ellipse_cached(height: int, width: int, semi_axes: tuple[float, float]) -> np.ndarray:
+    ax, ay = semi_axes
     y = (np.arange(height, dtype=np.float32) - (height - 1) / 2) / max(ay * height, 0.5)
     x = (np.arange(width, dtype=np.float32) - (width - 1) / 2) / max(ax * width, 0.5)
     mask = (y[:, None] ** 2 + x[None, :] ** 2) <= 1.0
@@ -41,21 +45,21 @@ def _tissue_ellipse_cached(height: int, width: int) -> np.ndarray:
     return mask
 
 
-def tissue_ellipse(height: int, width: int) -> np.ndarray:
+def tissue_ellipse(height: int, width: int, semi_axes: tuple[float, float] = TISSUE_SEMI_AXES) -> np.ndarray:
     """HxW bool (read-only): the central ellipse where the cervix sits in a framed colposcopy photo."""
-    return _tissue_ellipse_cached(int(height), int(width))
+    return _tissue_ellipse_cached(int(height), int(width), (float(semi_axes[0]), float(semi_axes[1])))
 
 
 @functools.lru_cache(maxsize=16)
-def _sampled_ellipse(height: int, width: int, stride: int) -> np.ndarray:
-    return np.ascontiguousarray(tissue_ellipse(height, width)[::stride, ::stride])
+def _sampled_ellipse(height: int, width: int, stride: int, semi_axes: tuple[float, float]) -> np.ndarray:
+    return np.ascontiguousarray(tissue_ellipse(height, width, semi_axes)[::stride, ::stride])
 
 
-def tissue_pixels(image: np.ndarray) -> np.ndarray:
+def tissue_pixels(image: np.ndarray, semi_axes: tuple[float, float] = TISSUE_SEMI_AXES) -> np.ndarray:
     """Nx3 uint8: the tissue ellipse's pixels, on a regular grid of at most about 65k points."""
     h, w = image.shape[:2]
     stride = max(1, math.ceil(math.sqrt(h * w / _MAX_SAMPLED_PIXELS)))
-    return image[::stride, ::stride][_sampled_ellipse(h, w, stride)]
+    return image[::stride, ::stride][_sampled_ellipse(h, w, stride, tuple(semi_axes))]
 
 
 def luma(pixels: np.ndarray) -> np.ndarray:
@@ -81,7 +85,7 @@ def exposure_from_luma(values: np.ndarray, rule: ExposureRule = ExposureRule()) 
 
 def measure_exposure(image: np.ndarray, rule: ExposureRule = ExposureRule()) -> tuple[str, float]:
     """(label, tissue mean sRGB luma in 0..1) of a uint8 RGB image."""
-    return exposure_from_luma(luma(tissue_pixels(image)), rule)
+    return exposure_from_luma(luma(tissue_pixels(image, rule.tissue_semi_axes)), rule)
 
 
 def measure_glare(image: np.ndarray) -> float:
@@ -89,13 +93,13 @@ def measure_glare(image: np.ndarray) -> float:
     return glare_fraction(tissue_pixels(image))
 
 
-def glare_fraction(pixels: np.ndarray) -> float:
+def glare_fraction(pixels: np.ndarray, saturated_level: int = SATURATED_LEVEL) -> float:
     if pixels.size == 0:
         return 0.0
     clipped = (
-        (pixels[:, 0] >= SATURATED_LEVEL)
-        & (pixels[:, 1] >= SATURATED_LEVEL)
-        & (pixels[:, 2] >= SATURATED_LEVEL)
+        (pixels[:, 0] >= saturated_level)
+        & (pixels[:, 1] >= saturated_level)
+        & (pixels[:, 2] >= saturated_level)
     )
     return float(np.count_nonzero(clipped) / len(pixels))
 
@@ -109,6 +113,6 @@ class TissueMeasures:
 
 def measure_tissue(image: np.ndarray, rule: ExposureRule = ExposureRule()) -> TissueMeasures:
     """Exposure and glare from one sample of the tissue ellipse (what the service reports)."""
-    pixels = tissue_pixels(image)
+    pixels = tissue_pixels(image, rule.tissue_semi_axes)
     exposure, mean = exposure_from_luma(luma(pixels), rule)
-    return TissueMeasures(exposure, mean, glare_fraction(pixels))
+    return TissueMeasures(exposure, mean, glare_fraction(pixels, rule.saturated_level))

@@ -107,6 +107,12 @@ class Rules:
     @classmethod
     def from_models(cls, models: ModelSet, settings: Settings) -> Rules:
         quality = models.quality.manifest.thresholds
+        measured_over = models.quality.manifest.extra.get("exposure_measure")
+        if not isinstance(measured_over, dict):
+            raise ModelConfigurationError(
+                "the quality manifest has no extra.exposure_measure (tissue ellipse, saturation level): "
+                "re-export it with `python -m training export quality`"
+            )
         focus_key = "not_sharp_balanced" if settings.focus_operating_point == "balanced" else "not_sharp"
         return cls(
             cervix_present=models.detector.manifest.thresholds["cervix_present"],
@@ -117,6 +123,8 @@ class Rules:
                 over_min=quality["over_min"],
                 white_luma=quality["white_luma"],
                 over_white_max=quality["over_white_max"],
+                saturated_level=int(measured_over["saturated_level"]),
+                tissue_semi_axes=tuple(measured_over["tissue_semi_axes"]),
             ),
             glare_max=quality["glare_max"],
             lesion=models.segmenter.manifest.thresholds["lesion"],

@@ -117,6 +117,6 @@ EXAMPLE_ASSESSMENT = {
     },
     "lesion": None,
     "diagnosis": None,
-    "models": {"detector": "1.0.0", "quality": "1.1.0", "segmenter": "1.0.0", "severity": "1.0.0"},
+    "models": {"detector": "1.0.0", "quality": "1.1.1", "segmenter": "1.0.0", "severity": "1.0.0"},
     "timings_ms": {"decode": 3.1, "detect": 2.6, "quality": 6.0, "total": 12.2},
 }

@@ -131,6 +131,16 @@ def _jpeg(width: int, height: int, **options: object) -> bytes:
 LIMITS = DecodeLimits(max_pixels=50_000_000, min_side=64, decode_min_side=600)
 
 
+def test_the_exposure_rule_says_where_and_how_tissue_is_measured() -> None:
+    image = np.full((100, 100, 3), 120, np.uint8)
+    image[40:60, 40:60] = 250  # a bright, clipped centre
+    default = measures.measure_tissue(image)
+    narrow = measures.measure_tissue(image, measures.ExposureRule(tissue_semi_axes=(0.1, 0.1)))
+    assert narrow.glare_fraction == 1.0 and default.glare_fraction < 1.0 and narrow.luma > default.luma
+    lenient = measures.ExposureRule(tissue_semi_axes=(0.1, 0.1), saturated_level=251)
+    assert measures.measure_tissue(image, lenient).glare_fraction == 0.0
+
+
 def test_large_jpeg_is_decoded_at_reduced_scale_and_crops_at_the_scale_they_need() -> None:
     image = decode_upload(_jpeg(4032, 3024), LIMITS)
     assert image.original_size == (4032, 3024)

@@ -5,13 +5,18 @@ only (the real cases are all in the shipped models' training data)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from service import measures
 from service.manifest import Manifest, read_manifest
+from service.pipeline import Rules
 from service.preprocess import crop, fit, normalize, prepare
+from service.runtime import ModelConfigurationError, load_models
+from service.settings import Settings
 from service.voting import PAPER_WEIGHTS
 from training import presets
 from training.data.synthetic import generate_scene, generate_subject
@@ -71,6 +76,23 @@ def test_severity_names_the_segmenter_it_was_trained_with_and_the_paper_voting()
     severity = manifest_of("severity")
     assert severity.extra["segmenter_sha256"] == manifest_of("segmenter").sha256
     assert severity.extra["voting"]["weights"] == PAPER_WEIGHTS  # type: ignore[index]
+
+
+def test_quality_manifest_defines_what_its_exposure_thresholds_are_measured_over() -> None:
+    recorded = manifest_of("quality").extra["exposure_measure"]
+    assert isinstance(recorded, dict)
+    assert tuple(recorded["tissue_semi_axes"]) == measures.TISSUE_SEMI_AXES
+    assert recorded["saturated_level"] == measures.SATURATED_LEVEL
+
+
+def test_a_quality_manifest_without_its_exposure_measure_is_refused() -> None:
+    models = load_models(Settings())
+    extra = {k: v for k, v in models.quality.manifest.extra.items() if k != "exposure_measure"}
+    stale = dataclasses.replace(
+        models.quality, manifest=models.quality.manifest.model_copy(update={"extra": extra})
+    )
+    with pytest.raises(ModelConfigurationError, match="re-export"):
+        Rules.from_models(dataclasses.replace(models, quality=stale), Settings())
 
 
 def test_detector_tells_held_out_synthetic_scenes_with_and_without_a_cervix() -> None:

@@ -291,6 +291,8 @@ CHANGELOG = (
     "1.0.0: first release.",
     "1.1.0: same network; adds the balanced focus operating point (not_sharp_balanced) and the "
     "not_acetic threshold, both chosen on held-out real folds.",
+    "1.1.1: same network and thresholds; the manifest now records what the exposure and glare thresholds "
+    "are measured over (extra.exposure_measure), and the service reads it from there.",
 )
 get_step_parser = partial(common.get_step_parser, version=CHANGELOG[-1].split(":")[0])
 
@@ -414,6 +416,13 @@ def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
         },
         extra={
             "crop_margin": presets.CROP_MARGIN,
+            "exposure_measure": {
+                "tissue_semi_axes": list(measures.TISSUE_SEMI_AXES),
+                "saturated_level": measures.SATURATED_LEVEL,
+                "rule": "service.measures: Rec. 601 luma and clipped-white fraction of the central ellipse "
+                "(semi-axes as fractions of the crop's W, H); a pixel is clipped when every channel >= "
+                "saturated_level",
+            },
             "not_sharp_score": (
                 "1 - sigmoid(sharp_logit); not sharp when >= thresholds.not_sharp (high-sensitivity "
                 "operating point) or thresholds.not_sharp_balanced (the service's default)"
