@@ -19,12 +19,12 @@ from fastapi import FastAPI, UploadFile
 from PIL import Image
 from torchvision.transforms.functional import normalize, to_tensor
 
-from training.data.degrade import BLUR_KINDS
-from training.data.records import EXAM_STAGES
-from training.models import CervixDetector, LesionSegmenter, QualityNet, SeverityNet
+from training import presets
+from training.models import LesionSegmenter, SeverityNet
+from training.tasks.detector import PretrainedDetector
+from training.tasks.quality import QualityModel
 
 RUNS = Path("runs")
-MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 VOTING_WEIGHTS = (0.2, 0.25, 0.15, 0.2, 0.11, 0.09)
 
 
@@ -37,16 +37,20 @@ def load(task: str, model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
 
 
 MODELS = {
-    "detector": load("detector", CervixDetector()),
-    "quality": load("quality", QualityNet(len(BLUR_KINDS), len(EXAM_STAGES))),
+    "detector": load("detector", PretrainedDetector()),
+    "quality": load("quality", QualityModel()),
     "segmenter": load("segmenter", LesionSegmenter()),
     "severity": load("severity", SeverityNet()),
 }
 app = FastAPI()
 
 
-def tensor(image: Image.Image, size: int) -> torch.Tensor:
-    return normalize(to_tensor(image.resize((size, size))), MEAN, STD)[None]
+def tensor(image: Image.Image, task: str) -> torch.Tensor:
+    """A plain resize (no letterbox) and the task's input statistics."""
+    spec = presets.INPUT_SPECS[task]
+    return normalize(
+        to_tensor(image.resize((spec.width, spec.height))), list(spec.mean[:3]), list(spec.std[:3])
+    )[None]
 
 
 @app.get("/ready")
@@ -59,7 +63,7 @@ def ready() -> dict[str, bool]:
 def assess(image: UploadFile) -> dict[str, float]:
     photo = Image.open(io.BytesIO(image.file.read())).convert("RGB")
     width, height = photo.size
-    detection = MODELS["detector"][0](tensor(photo, 192))
+    detection = MODELS["detector"][0](tensor(photo, "detector"))
     cx, cy, w, h = detection["box"][0].tolist()
     box = (
         int((cx - w / 2) * width),
@@ -68,8 +72,8 @@ def assess(image: UploadFile) -> dict[str, float]:
         int((cy + h / 2) * height),
     )
     crop = photo.crop(box) if box[2] > box[0] and box[3] > box[1] else photo
-    quality = MODELS["quality"][0](tensor(crop, 256))
-    rgb = tensor(crop, 224)
+    quality = MODELS["quality"][0](tensor(crop, "quality"))
+    rgb = tensor(crop, "segmenter")
     lesion = torch.sigmoid(MODELS["segmenter"][0](rgb)["lesion_logits"])
     lesion_channel = (lesion - 0.5) / 0.25
     lesion_only = rgb * lesion

@@ -47,15 +47,23 @@ from service.uploads import IMAGE_FIELD, read_image
 
 # Per model, the held-out figures /v1/models shows (dotted paths into the manifest's metrics).
 HEADLINE_METRICS = {
-    "detector": ("real_split", "real_pooled.recall", "real_pooled.specificity", "real_pooled.roc_auc"),
+    "detector": (
+        "real_split",
+        "real_held_out.as_taken_recall.pooled",
+        "real_held_out.as_taken_rejection.pooled",
+        "real_held_out.phone_12mp_recall.pooled",
+        "real_held_out.rotate90_recall.pooled",
+        "decision_consistency.all_transforms",
+    ),
     "quality": (
         "real_split",
-        "cnn_real_pooled_balanced.sensitivity",
-        "cnn_real_pooled_balanced.specificity",
-        "cnn_real_pooled.sensitivity",
-        "cnn_real_pooled.specificity",
-        "cnn_real_pooled.roc_auc",
-        "exam_stage_real_held_out.accuracy",
+        "focus_real_held_out.as_taken_not_sharp_balanced.sensitivity.pooled",
+        "focus_real_held_out.as_taken_not_sharp_balanced.specificity.pooled",
+        "focus_real_held_out.phone_12mp_not_sharp_balanced.sensitivity.pooled",
+        "focus_real_held_out.phone_12mp_not_sharp_balanced.specificity.pooled",
+        "not_acetic_flagged_real_held_out.as_taken.saline.pooled",
+        "not_acetic_flagged_real_held_out.as_taken.acetic.pooled",
+        "decision_consistency.all_transforms",
     ),
     "segmenter": (
         "real_split",

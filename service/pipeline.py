@@ -11,12 +11,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 
 from service import measures
 from service.decoding import DecodedImage, DecodeLimits, decode_upload
+from service.manifest import InputSpec
 from service.preprocess import crop_box, fit, normalize, prepare
 from service.reasons import Reason, ordered
 from service.runtime import ModelConfigurationError, ModelSet
@@ -103,6 +104,8 @@ class Rules:
     min_area_fraction: float
     min_crop_px: int
     cut_off_max_extent: float
+    stage_labels: tuple[str, ...] = ("acetic", "saline", "iodine", "green")
+    blur_labels: tuple[str, ...] = ("none", "defocus", "motion")
 
     @classmethod
     def from_models(cls, models: ModelSet, settings: Settings) -> Rules:
@@ -133,6 +136,8 @@ class Rules:
             min_area_fraction=settings.min_cervix_area_fraction,
             min_crop_px=settings.min_cervix_crop_px,
             cut_off_max_extent=settings.cut_off_max_extent,
+            stage_labels=tuple(models.quality.manifest.labels["stage_logits"]),
+            blur_labels=tuple(models.quality.manifest.labels["blur_kind_logits"]),
         )
 
 
@@ -148,8 +153,6 @@ class Pipeline:
         self.voting_order: list[str] = list(voting["order"])
         self.voting_weights: dict[str, float] = dict(voting["weights"])
         self.voting_brightness: dict[str, float] = dict(voting["brightness"])
-        self.stage_labels: list[str] = models.quality.manifest.labels["stage_logits"]
-        self.blur_labels: list[str] = models.quality.manifest.labels["blur_kind_logits"]
 
     # --- the composition -------------------------------------------------------------------------
 
@@ -198,22 +201,7 @@ class Pipeline:
     # --- stages ------------------------------------------------------------------------------------
 
     def detect(self, image: DecodedImage) -> Detection:
-        model = self.models.detector
-        tensor, placement = prepare(image.rgb, model.manifest.input)
-        outputs = model.run(tensor)
-        score = float(_sigmoid(outputs["cervix_logit"][0, 0]))
-        if score < self.rules.cervix_present:
-            return Detection(found=False, score=score, box=None)
-        spec = model.manifest.input
-        cx, cy, w, h = (float(v) for v in outputs["box"][0])
-        in_input = ((cx - w / 2) * spec.width, (cy - h / 2) * spec.height,
-                    (cx + w / 2) * spec.width, (cy + h / 2) * spec.height)  # fmt: skip
-        x0, y0, x1, y1 = (v / image.scale for v in placement.to_source(in_input))
-        width, height = image.original_size
-        box = (max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1))
-        if box[2] - box[0] < 1 or box[3] - box[1] < 1:  # a degenerate box is no cervix to crop
-            return Detection(found=False, score=score, box=None)
-        return Detection(found=True, score=score, box=box)
+        return detect_cervix(self.models.detector, image, self.rules.cervix_present)
 
     def unseen_cervix_reason(self, rgb: np.ndarray) -> Reason:
         """Why no cervix was found: a photo too dark or too bright to show one is a lighting problem,
@@ -226,22 +214,7 @@ class Pipeline:
         return crop_box(box, size[0], size[1], self.rules.crop_margin)
 
     def check_quality(self, crop_rgb: np.ndarray) -> Quality:
-        model = self.models.quality
-        tensor, _ = prepare(crop_rgb, model.manifest.input)
-        outputs = model.run(tensor)
-        sharpness = float(_sigmoid(outputs["sharp_logit"][0, 0]))
-        stage_p = _softmax(outputs["stage_logits"][0])
-        tissue = measures.measure_tissue(crop_rgb, self.rules.exposure)
-        return Quality(
-            sharpness=sharpness,
-            not_sharp=(1.0 - sharpness) >= self.rules.not_sharp,
-            blur_kind=self.blur_labels[int(np.argmax(outputs["blur_kind_logits"][0]))],
-            exposure=tissue.exposure,
-            luma=tissue.luma,
-            glare_fraction=tissue.glare_fraction,
-            exam_stage=self.stage_labels[int(np.argmax(stage_p))],
-            p_acetic=float(stage_p[self.stage_labels.index("acetic")]),
-        )
+        return check_quality(self.models.quality, crop_rgb, self.rules)
 
     def segment(self, crop_rgb: np.ndarray) -> Lesion:
         model = self.models.segmenter
@@ -278,6 +251,62 @@ class Pipeline:
     def _variant_logits(self, variants: Variants, order: list[str]) -> np.ndarray:
         model = self.models.severity
         return model.run(variant_batch(variants, order, model.manifest.input))["cin2plus_logit"][:, 0]
+
+
+# --- stages as functions of a model: the pipeline composes them, and training measures its fold models
+# with the very same code (any object with the model's input spec and a `run` will do) ---------------------
+
+
+class _HasInput(Protocol):
+    @property
+    def input(self) -> InputSpec: ...
+
+
+class RunsModel(Protocol):
+    """What a stage needs of a model: its manifest's input spec and outputs by name for a prepared tensor."""
+
+    @property
+    def manifest(self) -> _HasInput: ...
+
+    def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+def detect_cervix(model: RunsModel, image: DecodedImage, threshold: float) -> Detection:
+    """The detector on the whole decoded photo; the box in pixels of the upright original."""
+    tensor, placement = prepare(image.rgb, model.manifest.input)
+    outputs = model.run(tensor)
+    score = float(_sigmoid(outputs["cervix_logit"][0, 0]))
+    if score < threshold:
+        return Detection(found=False, score=score, box=None)
+    spec = model.manifest.input
+    cx, cy, w, h = (float(v) for v in outputs["box"][0])
+    in_input = ((cx - w / 2) * spec.width, (cy - h / 2) * spec.height,
+                (cx + w / 2) * spec.width, (cy + h / 2) * spec.height)  # fmt: skip
+    x0, y0, x1, y1 = (v / image.scale for v in placement.to_source(in_input))
+    width, height = image.original_size
+    box = (max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1))
+    if box[2] - box[0] < 1 or box[3] - box[1] < 1:  # a degenerate box is no cervix to crop
+        return Detection(found=False, score=score, box=None)
+    return Detection(found=True, score=score, box=box)
+
+
+def check_quality(model: RunsModel, crop_rgb: np.ndarray, rules: Rules) -> Quality:
+    """The quality model and the exposure and glare measures on the cervix crop."""
+    tensor, _ = prepare(crop_rgb, model.manifest.input)
+    outputs = model.run(tensor)
+    sharpness = float(_sigmoid(outputs["sharp_logit"][0, 0]))
+    stage_p = _softmax(outputs["stage_logits"][0])
+    tissue = measures.measure_tissue(crop_rgb, rules.exposure)
+    return Quality(
+        sharpness=sharpness,
+        not_sharp=(1.0 - sharpness) >= rules.not_sharp,
+        blur_kind=rules.blur_labels[int(np.argmax(outputs["blur_kind_logits"][0]))],
+        exposure=tissue.exposure,
+        luma=tissue.luma,
+        glare_fraction=tissue.glare_fraction,
+        exam_stage=rules.stage_labels[int(np.argmax(stage_p))],
+        p_acetic=float(stage_p[rules.stage_labels.index("acetic")]),
+    )
 
 
 # --- decision rules: pure functions of model outputs and thresholds -------------------------------------

@@ -38,8 +38,11 @@ def test_summary_figures_come_from_the_right_cells(tmp_path: Path) -> None:
     assert summary["speedup_vs_naive"] == pytest.approx(5.0)
     assert summary["overhead_vs_floor"] == pytest.approx(50.0 / 40.0)
     assert summary["quality_overhead_vs_floor"] == pytest.approx(20.0 / 8.0)
+    assert summary["quality_n"] == 5
     assert summary["e2e_vs_full_decode"] == pytest.approx(50.0 / 110.0)
     assert summary["stage_p50_ms"] == {"decode": 5.0, "total": 48.0}
     write_outputs(tmp_path, summary, cells)
     assert {p.name for p in tmp_path.iterdir()} == {"summary.json", "table.md", "latency.png"}
-    assert "| overhead_vs_floor | 1.25 |" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "| overhead_vs_floor | 1.25 |" in table
+    assert "one phone, 5 preview frames" in table

@@ -37,3 +37,20 @@ def test_task_sources_match_their_purpose(atlas_root: Path) -> None:
     assert catalog.task_data("segmenter", atlas_root).real == []
     detector = catalog.task_data("detector", atlas_root).real
     assert {r.labels.cervix_present for r in detector} == {True, False}
+
+
+def test_bundled_negatives_take_folds_without_moving_the_atlas_cases(atlas_root: Path) -> None:
+    from training.data.adapters import bundled_negatives, iarc_atlas, skimage_negatives
+    from training.data.splits import grouped_kfold
+
+    fold_of = catalog.real_fold_of_subject(atlas_root)
+    records = iarc_atlas(atlas_root) + skimage_negatives()
+    subjects = [r.subject for r in records]
+    grade = {r.subject: r.labels.severity.name for r in records if r.labels.severity is not None}
+    before = grouped_kfold(subjects, catalog.ATLAS_FOLDS, seed=catalog.SPLIT_SEED,
+                           strata=[grade.get(s, "none") for s in subjects], dataset="real")  # fmt: skip
+    for fold, split in enumerate(before):
+        assert all(fold_of[subjects[i]] == fold for i in split.val)
+    negatives = bundled_negatives()
+    assert len(negatives) >= 3 and all(not r.labels.cervix_present for r in negatives)
+    assert {fold_of[r.subject] for r in negatives} <= set(range(catalog.ATLAS_FOLDS))

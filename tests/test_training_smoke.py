@@ -17,9 +17,14 @@ from training.__main__ import main as training_cli
 from training.export import ort_session
 
 TINY = ["--epochs", "1", "--pretrain-epochs", "1", "--batch-size", "4", "--workers", "0"]
+# The detector and quality models fit heads on frozen features: no epochs, but views per photo to shrink.
+TINY_HEADS = {
+    "detector": ["--looks", "1", "--negative-looks", "1", "--surrounds", "3", "--no-suite"],
+    "quality": ["--train-variants", "2", "--eval-variants", "1", "--no-suite"],
+}
 TINY_DATA = {
-    "detector": ["--synthetic-subjects", "14", "--max-real", "12", "--folds", "0"],
-    "quality": ["--synthetic-subjects", "8", "--max-real", "8", "--folds", "0"],
+    "detector": ["--synthetic-subjects", "14", "--max-real", "40", "--folds", "0"],
+    "quality": ["--synthetic-subjects", "8", "--max-real", "30", "--folds", "0"],
     "segmenter": ["--synthetic-subjects", "21"],
     "severity": ["--synthetic-subjects", "14", "--max-real", "12", "--folds", "0"],
 }
@@ -28,7 +33,8 @@ TINY_DATA = {
 def train_evaluate_export(task: str, tmp_path: Path, *extra: str) -> dict:
     """Run the three steps as `make models` does; return the training summary."""
     run_dir, models_dir = tmp_path / "runs" / task, tmp_path / "models"
-    training_cli(["train", task, "--output-dir", str(run_dir), *TINY, *TINY_DATA[task], *extra])
+    tiny = TINY_HEADS.get(task, TINY)
+    training_cli(["train", task, "--output-dir", str(run_dir), *tiny, *TINY_DATA[task], *extra])
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["synthetic_split"] == "synthetic-holdout-s0"
 
@@ -53,10 +59,17 @@ def train_evaluate_export(task: str, tmp_path: Path, *extra: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["detector", "quality"])
-def test_train_evaluate_export_load(task: str, tmp_path: Path) -> None:
-    summary = train_evaluate_export(task, tmp_path)
-    assert summary["real_split"].startswith("real-gkf5-s0")
+def test_detector_then_quality_on_the_crops_its_fold_models_take(tmp_path: Path) -> None:
+    detector = train_evaluate_export("detector", tmp_path)
+    assert detector["real_split"].startswith("real-gkf5-s0")
+    assert (tmp_path / "runs" / "detector" / "fold_heads.npz").is_file()
+    quality = train_evaluate_export(
+        "quality", tmp_path, "--detector-run", str(tmp_path / "runs" / "detector")
+    )
+    assert quality["real_split"].startswith("real-gkf5-s0")
+    assert set(quality["thresholds"]) == {"not_sharp", "not_sharp_balanced", "not_acetic"}
+    manifest = read_manifest(tmp_path / "models" / "quality")
+    assert manifest.extra["backbone"]["pretrained"].startswith("ImageNet")  # type: ignore[index]
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""The four networks, built from torchvision and trained from scratch (no pretrained weights here).
+"""The segmenter and severity networks, built from torchvision and trained from scratch (the detector and
+quality models sit on a frozen pretrained backbone: training/tasks/detector.py, quality.py).
 
 Each model returns a dict of named tensors whose names are the ONNX output names, so the export
 step, the manifest and the service all speak the same names.
@@ -21,43 +22,6 @@ def _small_backbone(in_channels: int, width_mult: float) -> tuple[nn.Module, int
             in_channels, stem.out_channels, stem.kernel_size, stem.stride, stem.padding, bias=False
         )
     return net.features, net.classifier[0].in_features
-
-
-class CervixDetector(nn.Module):
-    """Whole letterboxed image -> cervix-present logit and one box (cx, cy, w, h in 0..1 of the input)."""
-
-    def __init__(self, width_mult: float = 1.0, dropout: float = 0.2) -> None:
-        super().__init__()
-        self.features, channels = _small_backbone(3, width_mult)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels, 5))
-
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.head(self.pool(self.features(image)))
-        return {"cervix_logit": out[:, :1], "box": torch.sigmoid(out[:, 1:])}
-
-
-class QualityNet(nn.Module):
-    """Cervix crop -> P(sharp) logit, blur-kind logits (none/defocus/motion), exam-stage logits."""
-
-    def __init__(
-        self, n_blur_kinds: int, n_stages: int, width_mult: float = 1.0, dropout: float = 0.2
-    ) -> None:
-        super().__init__()
-        self.features, channels = _small_backbone(3, width_mult)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout)
-        self.sharp = nn.Linear(channels, 1)
-        self.blur_kind = nn.Linear(channels, n_blur_kinds)
-        self.stage = nn.Linear(channels, n_stages)
-
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        pooled = self.dropout(torch.flatten(self.pool(self.features(image)), 1))
-        return {
-            "sharp_logit": self.sharp(pooled),
-            "blur_kind_logits": self.blur_kind(pooled),
-            "stage_logits": self.stage(pooled),
-        }
 
 
 class LesionSegmenter(nn.Module):

@@ -12,21 +12,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.manifest import InputSpec
-from service.preprocess import crop, crop_box, fit, normalize, prepare
+from service.preprocess import crop, crop_box, fit, normalize
+from training.backbones import LITE_MEAN, LITE_STD
 from training.data.annotations import draw_random_marks
-from training.data.degrade import BLUR_KINDS, apply_degradation, sample_degradation
-from training.data.records import EXAM_STAGES, LabelledImage
+from training.data.records import LabelledImage
 
 _RGB = ("R", "G", "B")
-# Generic statistics: the models train from scratch, so any fixed standardisation works; these put
-# 8-bit values in about [-2, 2]. They travel in the manifest, which is what matters.
+# Generic statistics for the models trained from scratch: any fixed standardisation works; these put
+# 8-bit values in about [-2, 2]. They travel in the manifest, which is what matters. Models on a
+# pretrained backbone use the statistics it was trained with (LITE_MEAN, LITE_STD).
 _MEAN, _STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 INPUT_SPECS: dict[str, InputSpec] = {
     "detector": InputSpec(name="image", width=192, height=192, channels=_RGB, resize="letterbox",
-                          mean=_MEAN, std=_STD),
-    "quality": InputSpec(name="crop", width=256, height=256, channels=_RGB, resize="letterbox",
-                         mean=_MEAN, std=_STD),
+                          mean=LITE_MEAN, std=LITE_STD),
+    "quality": InputSpec(name="crop", width=224, height=224, channels=_RGB, resize="letterbox",
+                         mean=LITE_MEAN, std=LITE_STD),
     "segmenter": InputSpec(name="crop", width=224, height=224, channels=_RGB, resize="letterbox",
                            mean=_MEAN, std=_STD),
     # Same size and letterbox as the segmenter: its probability map is the 4th channel as is.
@@ -35,47 +36,6 @@ INPUT_SPECS: dict[str, InputSpec] = {
 }  # fmt: skip
 # Crop-level models see the detector box grown by this fraction per side (service.preprocess.crop_box).
 CROP_MARGIN = 0.1
-
-
-@dataclass(frozen=True)
-class DetectorSample:
-    tensor: np.ndarray  # 3xHxW float32
-    present: float  # 1.0 cervix, 0.0 none
-    box_target: np.ndarray  # cx, cy, w, h in 0..1 of the model input; zeros when unknown
-    box_known: float
-
-
-def _box_in_input(labelled: LabelledImage, spec: InputSpec, placement) -> tuple[np.ndarray, float]:
-    box = labelled.labels.cervix_box
-    if box is None:
-        return np.zeros(4, np.float32), 0.0
-    x0, y0, x1, y1 = placement.to_input(box)
-    cxcywh = [(x0 + x1) / 2 / spec.width, (y0 + y1) / 2 / spec.height, (x1 - x0) / spec.width,
-              (y1 - y0) / spec.height]  # fmt: skip
-    return np.asarray(cxcywh, np.float32), 1.0
-
-
-def detector_eval(labelled: LabelledImage, spec: InputSpec = INPUT_SPECS["detector"]) -> DetectorSample:
-    tensor, placement = prepare(labelled.image, spec)
-    box, known = _box_in_input(labelled, spec, placement)
-    return DetectorSample(tensor[0], float(bool(labelled.labels.cervix_present)), box, known)
-
-
-def detector_train(
-    labelled: LabelledImage, rng: np.random.Generator, spec: InputSpec = INPUT_SPECS["detector"]
-) -> DetectorSample:
-    """Random marks, mild capture degradations, horizontal flip, then the eval path."""
-    image = draw_random_marks(labelled.image, rng)
-    if rng.random() < 0.3:
-        image, _ = apply_degradation(image, sample_degradation(rng), rng)
-    labels = labelled.labels
-    if rng.random() < 0.5:
-        image = image[:, ::-1]
-        if labels.cervix_box is not None:
-            x0, y0, x1, y1 = labels.cervix_box
-            width = image.shape[1]
-            labelled = labelled.with_image(image, cervix_box=(width - x1, y0, width - x0, y1))
-    return detector_eval(labelled.with_image(np.ascontiguousarray(image)), spec)
 
 
 def cervix_region(
@@ -92,64 +52,6 @@ def cervix_region(
         jitter = rng.uniform(-0.08, 0.08, 4) * np.array([bw, bh, bw, bh])
         box = (x0 + jitter[0], y0 + jitter[1], x1 + jitter[2], y1 + jitter[3])
     return crop_box(box, width, height, CROP_MARGIN)
-
-
-@dataclass(frozen=True)
-class QualityCrop:
-    """A degraded, cropped, letterboxed source: the costly part of a quality sample, made once."""
-
-    fitted: np.ndarray  # HxWx3 uint8 at model input size
-    sharp: float  # 1 sharp, 0 not sharp, nan ambiguous (ignored by the loss)
-    blur_kind: int  # index into BLUR_KINDS, -1 unknown
-    stage: int  # index into EXAM_STAGES, -1 unknown
-    blur_extent: float
-
-
-@dataclass(frozen=True)
-class QualitySample:
-    tensor: np.ndarray
-    sharp: float
-    blur_kind: int
-    stage: int
-
-
-def quality_crop(
-    labelled: LabelledImage,
-    rng: np.random.Generator,
-    *,
-    train: bool,
-    spec: InputSpec = INPUT_SPECS["quality"],
-) -> QualityCrop:
-    """Degrade at source resolution, then crop around the cervix and letterbox.
-
-    Evaluation degrades too, with a fixed rng per sample: the model is asked about the degradation.
-    """
-    image = draw_random_marks(labelled.image, rng) if train else labelled.image
-    source_blur = labelled.labels.blur_extent or 0.0
-    degraded, label = apply_degradation(image, sample_degradation(rng), rng, source_blur_extent=source_blur)
-    fitted, _ = fit(crop(degraded, cervix_region(labelled, rng if train else None)), spec)
-    stage = labelled.labels.exam_stage
-    return QualityCrop(
-        fitted=fitted,
-        sharp=float("nan") if label.sharp is None else float(label.sharp),
-        blur_kind=BLUR_KINDS.index(label.blur_kind) if label.sharp is not None else -1,
-        stage=EXAM_STAGES.index(stage) if stage else -1,
-        blur_extent=label.blur_extent,
-    )
-
-
-def quality_sample(
-    crop_: QualityCrop, rng: np.random.Generator | None, spec: InputSpec = INPUT_SPECS["quality"]
-) -> QualitySample:
-    """Normalise a pooled crop; training flips it (blur and exposure labels do not care)."""
-    fitted = crop_.fitted
-    if rng is not None:
-        if rng.random() < 0.5:
-            fitted = fitted[:, ::-1]
-        if rng.random() < 0.5:
-            fitted = fitted[::-1]
-    tensor = normalize(np.ascontiguousarray(fitted), spec)[0]
-    return QualitySample(tensor, crop_.sharp, crop_.blur_kind, crop_.stage)
 
 
 @dataclass(frozen=True)

@@ -323,3 +323,36 @@ def skimage_negatives(names: Iterable[str] = SKIMAGE_NEGATIVES) -> list[ImageRec
         )
         for name in names
     ]
+
+
+# Real photos other wheels ship (each package's own data folder; `mahotas` is in the train extra for its
+# demo photos). None of these is a cervix; each is its own subject and source.
+BUNDLED_NEGATIVES: tuple[tuple[str, str], ...] = (
+    ("sklearn", "datasets/images/china.jpg"),
+    ("sklearn", "datasets/images/flower.jpg"),
+    ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+    ("mahotas", "demos/data/DepartmentStore.jpg"),
+    ("mahotas", "demos/data/luispedro.jpg"),
+    ("mahotas", "demos/data/nuclear.png"),
+)
+
+
+def bundled_negatives(entries: Iterable[tuple[str, str]] = BUNDLED_NEGATIVES) -> list[ImageRecord]:
+    """Real non-cervix photos from other installed wheels (scikit-learn, matplotlib, mahotas): a
+    department store, a city, a flower, portraits, fluorescence microscopy. Photos of packages that are
+    not installed are left out."""
+    import importlib.util
+
+    records = []
+    for package, relative in entries:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        path = Path(next(iter(spec.submodule_search_locations))) / relative
+        if path.is_file():
+            records.append(
+                ImageRecord(
+                    path, Labels(cervix_present=False), subject=f"{package}-{path.stem}", source=package
+                )
+            )
+    return records

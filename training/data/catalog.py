@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.data.adapters import DEFAULT_ATLAS, iarc_atlas, skimage_negatives
+from training.data.adapters import DEFAULT_ATLAS, bundled_negatives, iarc_atlas, skimage_negatives
 from training.data.records import ImageRecord
 from training.data.splits import Split, grouped_kfold
 
@@ -40,10 +40,11 @@ def task_data(task: str, atlas_root: Path = DEFAULT_ATLAS) -> TaskData:
     if task == "detector":
         return TaskData(
             task,
-            atlas + skimage_negatives(),
+            atlas + skimage_negatives() + bundled_negatives(),
             synthetic,
-            "atlas: cervix present/absent (no boxes); scikit-image photos: real negatives; "
-            "synthetic: boxes and no-cervix scenes",
+            "atlas: cervix present/absent (no boxes); scikit-image, scikit-learn, matplotlib and mahotas "
+            "photos: real negatives; synthetic: boxes, no-cervix scenes and surrounds; every photo also "
+            "redrawn as other devices take it (training.data.device)",
         )
     if task == "quality":
         staged = [r for r in atlas if r.labels.exam_stage is not None]
@@ -81,7 +82,12 @@ def real_fold_of_subject(atlas_root: Path = DEFAULT_ATLAS) -> dict[str, int]:
         strata=[grade.get(s, "none") for s in subjects],
         dataset="real",
     )
-    return {subjects[i]: fold for fold, split in enumerate(folds) for i in split.val}
+    fold_of = {subjects[i]: fold for fold, split in enumerate(folds) for i in split.val}
+    # Negatives added later take folds in turn, after the split above: the atlas cases keep their folds,
+    # so every figure reported on real-gkf5-s0 holds out the same cases it always did.
+    for index, record in enumerate(bundled_negatives()):
+        fold_of[record.subject] = index % ATLAS_FOLDS
+    return fold_of
 
 
 def real_folds(records: list[ImageRecord], fold_of: dict[str, int]) -> list[Split]:

@@ -1186,3 +1186,13 @@ def _without_cervix(p: SceneParams, kind: str, rng: np.random.Generator) -> Scen
     elif kind == "closeup":
         changes.update(speculum="none", side_walls=0.0)
     return replace(p, **changes)
+
+
+def generate_surround(seed: int, size: tuple[int, int] = (640, 480)) -> np.ndarray:
+    """What lies around the cervix when it fills only part of the frame: vaginal walls and a speculum
+    (the anatomy of subject `seed`, seen without its cervix). For framing other photos on
+    (`training.data.device`)."""
+    rng = np.random.default_rng((int(seed) & _SEED_MASK, 0x5044))
+    params = sample_subject(seed)
+    params = replace(params, cervix_in_view=False, view_kind="walls", cx=0.5, cy=0.5)
+    return render(params, "acetic", size, seed=int(rng.integers(2**31))).image

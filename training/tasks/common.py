@@ -30,6 +30,20 @@ T = TypeVar("T")
 M = TypeVar("M", bound=nn.Module)
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every task takes: where the data is and which of it, where results go, seeds and threads."""
+    parser.add_argument("--atlas", type=Path, default=DEFAULT_ATLAS, help="IARC atlas folder")
+    parser.add_argument("--output-dir", type=Path, required=True, help="checkpoints, predictions, reports")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic-subjects", type=int, default=None, help="default: training.data.catalog")
+    parser.add_argument("--folds", type=int, nargs="*", default=None,
+                        help="real-data CV folds to run (default: all); pass none to skip CV")  # fmt: skip
+    parser.add_argument(
+        "--max-real", type=int, default=0, help="use at most this many real images (smoke runs)"
+    )
+
+
 def add_common_arguments(
     parser: argparse.ArgumentParser,
     *,
@@ -39,8 +53,8 @@ def add_common_arguments(
     pretrain_epochs: int = 0,
     finetune_lr: float | None = None,
 ) -> None:
-    parser.add_argument("--atlas", type=Path, default=DEFAULT_ATLAS, help="IARC atlas folder")
-    parser.add_argument("--output-dir", type=Path, required=True, help="checkpoints, predictions, reports")
+    """The data arguments plus those of the shared training loop (tasks that train a network end to end)."""
+    add_data_arguments(parser)
     parser.add_argument(
         "--epochs", type=int, default=epochs, help="epochs on real data (after synthetic pretraining)"
     )
@@ -59,14 +73,6 @@ def add_common_arguments(
     )
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--synthetic-subjects", type=int, default=None, help="default: training.data.catalog")
-    parser.add_argument("--folds", type=int, nargs="*", default=None,
-                        help="real-data CV folds to run (default: all); pass none to skip CV")  # fmt: skip
-    parser.add_argument(
-        "--max-real", type=int, default=0, help="use at most this many real images (smoke runs)"
-    )
 
 
 def command_line(args: argparse.Namespace) -> str:
