@@ -81,7 +81,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--eval-variants",
         type=int,
-        default=3,
+        default=2,
         help="degraded copies per held-out photo and suite transform (plus the clean one)",
     )
     parser.add_argument(
