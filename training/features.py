@@ -62,22 +62,7 @@ class FeatureExtractor:
         self.spec = spec
         self.reduce = reduce or {}
         self.batch_size = batch_size
-        wrapped = NamedOutputs(module.eval(), names)
-        dummy = torch.zeros(1, len(spec.channels), spec.height, spec.width)
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "trunk.onnx"
-            torch.onnx.export(
-                wrapped,
-                (dummy,),
-                str(path),
-                input_names=["image"],
-                output_names=list(self.names),
-                dynamic_axes={"image": {0: "batch"}},
-                dynamo=False,
-            )
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(module, self.names, spec, threads)
 
     def extract(self, fitted: np.ndarray, desc: str = "features") -> dict[str, np.ndarray]:
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.names}
@@ -96,6 +81,23 @@ def global_average(maps: np.ndarray) -> np.ndarray:
     return maps.mean(axis=(2, 3))
 
 
+def onnx_session(
+    module: nn.Module, names: tuple[str, ...], spec: InputSpec, threads: int = 0
+) -> ort.InferenceSession:
+    """`module` (returning a dict of tensors) exported to ONNX with input "image" and a dynamic batch, then
+    loaded in ONNX Runtime; the file lives only for the export."""
+    dummy = torch.zeros(1, len(spec.channels), spec.height, spec.width)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        torch.onnx.export(
+            NamedOutputs(module.eval(), names), (dummy,), str(path), input_names=["image"],
+            output_names=list(names), dynamic_axes={"image": {0: "batch"}}, dynamo=False,
+        )  # fmt: skip
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class TorchOnOnnx:
     """A torch model run by ONNX Runtime, with a manifest-like `.manifest.input`: what the service's stage
     functions take (`service.pipeline.RunsModel`), so training measures fold models with the served code."""
@@ -103,14 +105,7 @@ class TorchOnOnnx:
     def __init__(self, module: nn.Module, spec: InputSpec, names: tuple[str, ...]) -> None:
         self.manifest = SimpleNamespace(input=spec)
         self.names = names
-        dummy = torch.zeros(1, len(spec.channels), spec.height, spec.width)
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "model.onnx"
-            torch.onnx.export(
-                NamedOutputs(module.eval(), names), (dummy,), str(path), input_names=["image"],
-                output_names=list(names), dynamic_axes={"image": {0: "batch"}}, dynamo=False,
-            )  # fmt: skip
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.session = onnx_session(module, names, spec)
 
     def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(self.names, self.session.run(list(self.names), {"image": tensor}), strict=True))

@@ -94,6 +94,10 @@ class RealData:
     images: list[LabelledImage]
     folds: list[Split]
 
+    def fold_of(self, index: int) -> int:
+        """The fold that holds out image `index`."""
+        return next(k for k, split in enumerate(self.folds) if index in split.val)
+
 
 def real_data(task: str, args: argparse.Namespace) -> RealData:
     """The task's real images with the fixed real folds (see training.data.catalog)."""

@@ -280,7 +280,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
     test = held_out_sets(real, synthetic, synthetic_split, args)
     test_feats = {name: features_of(fx, views.fitted, f"features {name}") for name, views in test.items()}
 
-    fold_of_photo = np.array([_fold_index(real, i) for i in range(len(real.images))])
+    fold_of_photo = np.array([real.fold_of(i) for i in range(len(real.images))])
     view_fold = fold_of_photo[real_views.owner]
 
     def heads_without(excluded: set[int]) -> Heads:
@@ -341,10 +341,6 @@ def main(args: argparse.Namespace) -> dict[str, object]:
     )
     engine.write_json(args.output_dir / "metrics.json", summary)
     return summary
-
-
-def _fold_index(real: common.RealData, index: int) -> int:
-    return next(k for k, split in enumerate(real.folds) if index in split.val)
 
 
 def _surround_photo(image: np.ndarray) -> LabelledImage:

@@ -444,7 +444,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         labels_of(synthetic_pool),
         labels_of(served.crops),
     )
-    real_fold = np.repeat([_fold_of(real, i) for i in range(len(real.images))], args.train_variants)
+    real_fold = np.repeat([real.fold_of(i) for i in range(len(real.images))], args.train_variants)
 
     def heads_without(excluded: set[int]) -> Heads:
         keep = ~np.isin(real_fold, list(excluded))
@@ -458,7 +458,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
     def rows(feats: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:
         return {k: v[keep].astype(np.float32) for k, v in feats.items()}
 
-    served_fold = np.array([_fold_of(real, i) for i in served.photo], int)
+    served_fold = np.array([real.fold_of(i) for i in served.photo], int)
     held_out: list[dict[str, np.ndarray]] = []
     fold_thresholds: list[dict[str, float]] = []
     for fold in common.folds_to_run(args, len(real.folds)):
@@ -515,10 +515,6 @@ def main(args: argparse.Namespace) -> dict[str, object]:
     )
     engine.write_json(args.output_dir / "metrics.json", summary)
     return summary
-
-
-def _fold_of(real: common.RealData, index: int) -> int:
-    return next(k for k, split in enumerate(real.folds) if index in split.val)
 
 
 def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
