@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.decoding import DecodeLimits, decode_upload
+from service.decoding import decode_upload
 from training import device_suite
 from training.data.device import DeviceLook, apply_look, orient, plan_framing, sample_look
 from training.data.records import LabelledImage, Labels
@@ -108,7 +108,7 @@ def test_every_suite_transform_is_an_upload_the_service_decodes(name: str) -> No
     with Image.open(io.BytesIO(data)) as image:
         assert image.format == "JPEG"
         size = image.size
-    decoded = decode_upload(data, DecodeLimits(max_pixels=50_000_000, min_side=64, decode_min_side=320))
+    decoded = decode_upload(data, device_suite.SERVED_DECODE)
     expected = {"rotate90": (600, 800), "rotate270": (600, 800), "portrait_3x4": (450, 600),
                 "phone_12mp": (4032, 3024), "phone_framed": (2448, 3264)}.get(name, (800, 600))  # fmt: skip
     assert size == expected and decoded.original_size == expected

@@ -26,9 +26,26 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
+from service.decoding import DecodeLimits
+from service.settings import Settings
 from training.data.degrade import to_linear, to_srgb
 
 Transform = Callable[[np.ndarray, int], bytes]  # (RGB photo, photo index) -> upload bytes
+
+
+def _served_limits() -> DecodeLimits:
+    """The decode limits the service runs with by default (its Settings' field defaults, not this shell's
+    environment, so an evaluation does not depend on where it ran)."""
+    fields = Settings.model_fields
+    return DecodeLimits(
+        max_pixels=fields["max_pixels"].default,
+        min_side=fields["min_image_side"].default,
+        decode_min_side=fields["decode_min_side"].default,
+    )
+
+
+# Suite uploads are scored on what `service.decoding.decode_upload` makes of them with these limits.
+SERVED_DECODE = _served_limits()
 
 PHONE_SIZES = ((4032, 3024), (3264, 2448))
 

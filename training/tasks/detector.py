@@ -39,7 +39,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from service.decoding import DecodeLimits, decode_upload
+from service.decoding import decode_upload
 from service.manifest import OutputSpec
 from service.preprocess import fit, prepare
 from training import backbones, device_suite, engine, metrics, presets, reports
@@ -57,8 +57,6 @@ SPEC = presets.INPUT_SPECS[TASK]
 # Surround scenes are synthetic subjects of their own, far from every task's synthetic seeds.
 TRAIN_SURROUND_SEEDS = range(500_000, 500_150)
 TEST_SURROUND_SEEDS = range(600_000, 600_060)
-# The service decodes uploads this way (defaults of service.settings): the suite is scored on that.
-SERVED_DECODE = DecodeLimits(max_pixels=50_000_000, min_side=64, decode_min_side=320)
 BOX_GRID = 3
 # The last feature map is 1/32 of the input (6 x 6 at 192 px): a fixed-size average pool gives the grid,
 # which exports to ONNX where an adaptive one with a dynamic batch does not.
@@ -375,7 +373,7 @@ def _served(job: tuple[np.ndarray, int, str, bool]) -> np.ndarray:
     rgb, index, name, spoil = job
     if spoil:  # a blurred or dark frame of something that is not a cervix
         rgb, _ = apply_degradation(rgb, _spoiling(index))
-    decoded = decode_upload(device_suite.SUITE[name](rgb, index), SERVED_DECODE)
+    decoded = decode_upload(device_suite.SUITE[name](rgb, index), device_suite.SERVED_DECODE)
     return fit(decoded.rgb, SPEC)[0]
 
 

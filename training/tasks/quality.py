@@ -57,7 +57,7 @@ from training.features import FeatureExtractor, TorchOnOnnx
 from training.focus_measures import variance_of_laplacian
 from training.sources import SYNTHETIC_SIZE, parallel_map, synthetic_subjects
 from training.tasks import common
-from training.tasks.detector import SERVED_DECODE, TRAIN_SURROUND_SEEDS, fold_detectors
+from training.tasks.detector import TRAIN_SURROUND_SEEDS, fold_detectors
 
 TASK = "quality"
 SPEC = presets.INPUT_SPECS[TASK]
@@ -261,7 +261,8 @@ def _train_crop(
     shown = labelled.with_image(degraded)
     if rng.random() < look_share:
         look = sample_look(rng, cervix_fraction=(0.4, 1.35))
-        # Enough pixels that the crop is not upsampled, as the service re-decodes a small cervix finer.
+        # A frame whose cervix spans 1.5x the model input, so the crop is never upsampled: the service
+        # re-decodes a small cervix at finer scale rather than enlarging it.
         max_side = int(min(1600, 1.2 * SPEC.width / look.cervix_fraction / 0.8))
         shown = apply_look(
             shown,
@@ -334,7 +335,7 @@ def served_pool(
         missed[name] = 0
         for (_, i, v, _, _), (data, frame_extent, kind) in zip(jobs, uploads, strict=True):
             detector, threshold = detectors[fold_of[i]]
-            decoded = decode_upload(data, SERVED_DECODE)
+            decoded = decode_upload(data, device_suite.SERVED_DECODE)
             detection = detect_cervix(detector, decoded, threshold)
             if detection.box is None:
                 missed[name] += int(v == 0)
