@@ -103,10 +103,11 @@ class Settings(BaseSettings):
         "quarter of its height): cervix_too_small",
     )
     min_cervix_crop_px: int = Field(
-        default=128,
+        default=192,
         ge=1,
-        description="a cervix narrower than this many original pixels (half the quality model's input: "
-        "more upsampling and focus cannot be judged): cervix_too_small",
+        description="a cervix narrower than this many original pixels (its crop would be upsampled more "
+        "than ~2x to the quality model's 448 px input, beyond the preview frames it was trained on, and "
+        "focus cannot be judged): cervix_too_small",
     )
     cut_off_max_extent: float = Field(
         default=0.6,

@@ -110,7 +110,8 @@ def test_every_suite_transform_is_an_upload_the_service_decodes(name: str) -> No
         size = image.size
     decoded = decode_upload(data, device_suite.SERVED_DECODE)
     expected = {"rotate90": (600, 800), "rotate270": (600, 800), "portrait_3x4": (450, 600),
-                "phone_12mp": (4032, 3024), "phone_framed": (2448, 3264)}.get(name, (800, 600))  # fmt: skip
+                "phone_12mp": (4032, 3024), "phone_framed": (2448, 3264),
+                "preview_640x480": (640, 480)}.get(name, (800, 600))  # fmt: skip
     assert size == expected and decoded.original_size == expected
     if name == "phone_12mp":
         assert decoded.scale < 1  # a phone-size upload is DCT-reduced, as served

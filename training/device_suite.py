@@ -15,6 +15,10 @@ would upload; the models are then measured on what the service decodes from them
 | `phone_12mp` | upscaled to 12 MP (4032x3024) or 8 MP (3264x2448, by photo), phone sharpening, JPEG 88 |
 | `colour_cast` | a warm white balance error (linear-light gains 1.15 / 1.0 / 0.82) |
 | `phone_framed` | 8 MP portrait, the photo at 55 % of the frame's width on a dark surround, JPEG 90 |
+| `preview_640x480` | a live preview frame (`/v1/quality`): the photo downscaled to 640x480, JPEG 80 |
+
+`preview_640x480` was added with quality 3.0.0 (its 448 px input upsamples a preview frame's cervix); the
+detector 2.0.0 figures were measured on the first nine transforms.
 """
 
 from __future__ import annotations
@@ -114,6 +118,13 @@ def phone_framed(rgb: np.ndarray, index: int) -> bytes:
     return encode_jpeg(frame, quality=90)
 
 
+def preview_640x480(rgb: np.ndarray, index: int) -> bytes:
+    height, width = rgb.shape[:2]
+    size = (640, 480) if width >= height else (480, 640)
+    small = Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return encode_jpeg(np.asarray(small), quality=80)
+
+
 SUITE: dict[str, Transform] = {
     "as_taken": as_taken,
     "rotate90": _rotate(1),
@@ -124,6 +135,7 @@ SUITE: dict[str, Transform] = {
     "phone_12mp": phone_12mp,
     "colour_cast": colour_cast,
     "phone_framed": phone_framed,
+    "preview_640x480": preview_640x480,
 }
 OTHER_DEVICE = tuple(name for name in SUITE if name != "as_taken")
 

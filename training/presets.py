@@ -26,7 +26,7 @@ _MEAN, _STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 INPUT_SPECS: dict[str, InputSpec] = {
     "detector": InputSpec(name="image", width=192, height=192, channels=_RGB, resize="letterbox",
                           mean=LITE_MEAN, std=LITE_STD),
-    "quality": InputSpec(name="crop", width=224, height=224, channels=_RGB, resize="letterbox",
+    "quality": InputSpec(name="crop", width=448, height=448, channels=_RGB, resize="letterbox",
                          mean=LITE_MEAN, std=LITE_STD),
     "segmenter": InputSpec(name="crop", width=224, height=224, channels=_RGB, resize="letterbox",
                            mean=_MEAN, std=_STD),

@@ -184,16 +184,17 @@ def load_predictions(run_dir: Path) -> dict[str, dict[str, np.ndarray]]:
     return groups
 
 
-def get_step_parser(step: str, version: str = "1.0.0") -> argparse.ArgumentParser:
+def get_step_parser(step: str, version: str = "1.0.0", parity_atol: float = 1e-4) -> argparse.ArgumentParser:
     """Arguments of the `evaluate` and `export` steps, which work from a finished training run.
 
-    `version` is the task's current release: the one its changelog ends with."""
+    `version` is the task's current release: the one its changelog ends with; `parity_atol` the task's
+    default PyTorch vs ONNX Runtime tolerance."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--run-dir", type=Path, required=True, help="the --output-dir of the training run")
     if step == "export":
         parser.add_argument("--models-dir", type=Path, default=Path("models"))
         parser.add_argument("--version", default=version, help="semantic version written to the manifest")
-        parser.add_argument("--parity-atol", type=float, default=1e-4,
+        parser.add_argument("--parity-atol", type=float, default=parity_atol,
                             help="max abs PyTorch vs ONNX Runtime difference")  # fmt: skip
     parser.add_argument("--atlas", type=Path, default=DEFAULT_ATLAS)
     return parser
