@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import platform
 import socket
@@ -202,18 +203,27 @@ def stream_frames(phone: httpx.Client, url: str, payload: bytes, count: int) -> 
 
 
 class Floor:
-    """Reduced-scale JPEG decode plus ONNX Runtime on tensors prepared beforehand: no HTTP, no resizes."""
+    """One reduced-scale JPEG decode plus ONNX Runtime on tensors prepared beforehand: no HTTP, no resizes.
+
+    The decode is at the smallest DCT scale that gives both the whole-photo stage its `decode_min_side` and
+    the crop (here the whole frame, grown by the margin) the quality model's input side: the least decoding
+    any implementation of the chain must do (the service may decode twice: coarse, then finer for the crop).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.models = load_models(settings)
         self.decode_side = settings.decode_min_side
         self.tensors: dict[bytes, list[np.ndarray]] = {}
+        self.draft_side: dict[bytes, int] = {}
 
     def prepare(self, payload: bytes) -> list[np.ndarray]:
         rgb = np.asarray(Image.open(io.BytesIO(payload)).convert("RGB"))
         margin = float(self.models.quality.manifest.extra["crop_margin"])  # type: ignore[arg-type]
         region = crop_box((0, 0, rgb.shape[1], rgb.shape[0]), rgb.shape[1], rgb.shape[0], margin)
         cropped = crop(rgb, region)
+        crop_short = min(region[2] - region[0], region[3] - region[1])
+        needed = min(1.0, self.models.quality.manifest.input.width / max(1, crop_short))
+        self.draft_side[payload] = max(self.decode_side, math.ceil(min(rgb.shape[:2]) * needed))
         segmenter_input, _ = fit(cropped, self.models.segmenter.manifest.input)
         lesion = np.full(segmenter_input.shape[:2], 128, np.uint8)
         variants = voting_variants(segmenter_input, lesion)
@@ -232,7 +242,8 @@ class Floor:
         tensors = self.tensors[payload]
         started = time.perf_counter()
         with Image.open(io.BytesIO(payload)) as image:
-            image.draft("RGB", (self.decode_side, self.decode_side))
+            side = self.draft_side[payload]
+            image.draft("RGB", (side, side))
             image.convert("RGB").load()
         for model, tensor in list(zip(self.models, tensors, strict=True))[:stages]:
             model.run(tensor)
