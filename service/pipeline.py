@@ -116,6 +116,12 @@ class Rules:
                 "the quality manifest has no extra.exposure_measure (tissue ellipse, saturation level): "
                 "re-export it with `python -m training export quality`"
             )
+        min_crop_px = settings.min_cervix_crop_px or models.quality.manifest.extra.get("min_cervix_px")
+        if not isinstance(min_crop_px, int):
+            raise ModelConfigurationError(
+                "the quality manifest has no extra.min_cervix_px (the smallest cervix it can judge): "
+                "re-export it with `python -m training export quality`, or set CERVIGATE_MIN_CERVIX_CROP_PX"
+            )
         focus_key = "not_sharp_balanced" if settings.focus_operating_point == "balanced" else "not_sharp"
         return cls(
             cervix_present=models.detector.manifest.thresholds["cervix_present"],
@@ -134,7 +140,7 @@ class Rules:
             cin2plus=models.severity.manifest.thresholds["cin2plus"],
             crop_margin=float(models.quality.manifest.extra["crop_margin"]),  # type: ignore[arg-type]
             min_area_fraction=settings.min_cervix_area_fraction,
-            min_crop_px=settings.min_cervix_crop_px,
+            min_crop_px=min_crop_px,
             cut_off_max_extent=settings.cut_off_max_extent,
             stage_labels=tuple(models.quality.manifest.labels["stage_logits"]),
             blur_labels=tuple(models.quality.manifest.labels["blur_kind_logits"]),

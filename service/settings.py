@@ -102,12 +102,12 @@ class Settings(BaseSettings):
         description="a cervix box smaller than this share of the photo (a quarter of its width times a "
         "quarter of its height): cervix_too_small",
     )
-    min_cervix_crop_px: int = Field(
-        default=192,
+    min_cervix_crop_px: int | None = Field(
+        default=None,
         ge=1,
-        description="a cervix narrower than this many original pixels (its crop would be upsampled more "
-        "than ~2x to the quality model's 448 px input, beyond the preview frames it was trained on, and "
-        "focus cannot be judged): cervix_too_small",
+        description="a cervix narrower than this many original pixels: cervix_too_small. Default: the "
+        "quality manifest's extra.min_cervix_px, the smallest cervix that model was trained to judge (a "
+        "smaller one's crop is upsampled further than its training crops were and focus cannot be judged)",
     )
     cut_off_max_extent: float = Field(
         default=0.6,

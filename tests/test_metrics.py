@@ -23,6 +23,7 @@ from training.metrics import (
     mean_sd_over_folds,
     multiclass_metrics,
     roc_auc,
+    share_with_spread,
     threshold_for_sensitivity,
     youden_threshold,
 )
@@ -297,3 +298,14 @@ def test_bootstrap_ci_resamples_groups() -> None:
     # Tiny data: some resamples have one class and are counted, not silently scored.
     tiny = bootstrap_ci([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8], _auc, n=200, seed=0, groups=["a", "b", "c", "d"])
     assert 0 < tiny["n_failed"] < 200
+
+
+def test_a_share_is_reported_pooled_per_fold_and_with_a_group_interval() -> None:
+    hit = np.array([1, 1, 0, 1, 0, 0, 1, 1], bool)
+    folds = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    groups = np.array(["a", "a", "b", "b", "c", "c", "d", "d"])
+    share = share_with_spread(hit, folds, groups)
+    assert (share["pooled"], share["n"], share["folds"]) == (0.625, 8, [0.75, 0.5])
+    assert share["fold_sd"] == pytest.approx(0.125)
+    assert share["ci95"]["unit"] == "group" and share["ci95"]["n_units"] == 4
+    assert 0.0 <= share["ci95"]["low"] <= share["pooled"] <= share["ci95"]["high"] <= 1.0

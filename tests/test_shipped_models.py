@@ -129,3 +129,15 @@ def test_segmenter_overlaps_held_out_synthetic_lesions() -> None:
         dice.append(2 * (predicted & truth).sum() / max(predicted.sum() + truth.sum(), 1))
     assert len(dice) >= 5
     assert np.median(dice) >= 0.3
+
+
+def test_cervix_too_small_follows_the_quality_manifest_unless_set() -> None:
+    models = load_models(Settings())
+    assert Rules.from_models(models, Settings()).min_crop_px == models.quality.manifest.extra["min_cervix_px"]
+    assert Rules.from_models(models, Settings(min_cervix_crop_px=300)).min_crop_px == 300
+    extra = {k: v for k, v in models.quality.manifest.extra.items() if k != "min_cervix_px"}
+    stale = dataclasses.replace(
+        models.quality, manifest=models.quality.manifest.model_copy(update={"extra": extra})
+    )
+    with pytest.raises(ModelConfigurationError, match="min_cervix_px"):
+        Rules.from_models(dataclasses.replace(models, quality=stale), Settings())

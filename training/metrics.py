@@ -450,3 +450,18 @@ def bootstrap_ci(
         "unit": "sample" if groups is None else "group",
         "n_units": n_units,
     }
+
+
+def share_with_spread(hit: np.ndarray, folds: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
+    """A held-out share (recall, rejection, sensitivity, flag rate) as the reports give it: pooled, per outer
+    fold with their spread, and a 95 % interval resampling whole groups (cases, photo sources)."""
+    hits, fold_of = np.asarray(hit, dtype=bool), np.asarray(folds)
+    per_fold = [float(np.mean(hits[fold_of == f])) for f in np.unique(fold_of)]
+    ci = bootstrap_ci(hits.astype(float), hits.astype(float), lambda y, _s: float(np.mean(y)), groups=groups)
+    return {
+        "pooled": float(hits.mean()),
+        "n": int(hits.size),
+        "folds": per_fold,
+        "fold_sd": float(np.std(per_fold)),
+        "ci95": {"low": ci["low"], "high": ci["high"], "unit": ci["unit"], "n_units": ci["n_units"]},
+    }

@@ -496,16 +496,7 @@ def _held_out_tables(
             if not rows.any():
                 continue
             hit = called[rows] if positives else ~called[rows]
-            per_fold = [
-                float(np.mean(hit[pooled["fold"][rows] == f])) for f in np.unique(pooled["fold"][rows])
-            ]
-            entry = {
-                "pooled": float(hit.mean()),
-                "n": int(rows.sum()),
-                "folds": per_fold,
-                "fold_sd": float(np.std(per_fold)),
-                "ci95": _bootstrap_share(hit, pooled["subject"][rows]),
-            }
+            entry = metrics.share_with_spread(hit, pooled["fold"][rows], pooled["subject"][rows])
             if not positives:
                 entry["by_source"] = {
                     str(s): {
@@ -516,13 +507,6 @@ def _held_out_tables(
                 }
             tables[f"{name}_{what}"] = entry
     return tables
-
-
-def _bootstrap_share(hit: np.ndarray, groups: np.ndarray) -> dict[str, object]:
-    ci = metrics.bootstrap_ci(
-        hit.astype(float), hit.astype(float), lambda y, _s: float(np.mean(y)), groups=groups
-    )
-    return {"low": ci["low"], "high": ci["high"], "unit": ci["unit"], "n_units": ci["n_units"]}
 
 
 def _consistency(pooled: dict[str, np.ndarray]) -> dict[str, float]:

@@ -73,6 +73,10 @@ SPEC = presets.INPUT_SPECS[TASK]
 FOCUS_BLOCKS = 1  # stem + the first MBConv block: 16 edge maps at stride 2 of the 448 px crop
 REBLUR_SIGMA = 1.0  # px at the model input: one more pixel of blur
 PREVIEW_SHARE, PREVIEW_SHORT_SIDE = 0.3, 480  # of the device-look training crops: preview-sized frames
+LOOK_CERVIX_FRACTION = (0.4, 1.35)  # cervix box long side / frame short side in the device-look crops
+# The smallest cervix the model learned to judge (a preview frame's, at the smallest fraction): the manifest
+# says so and the service asks for a closer photo below it (cervix_too_small).
+MIN_CERVIX_PX = round(PREVIEW_SHORT_SIDE * LOOK_CERVIX_FRACTION[0])
 STAGE_SIDE = 224  # the exam stage is colour and content: the trunk sees the crop box-downscaled to this
 
 
@@ -330,7 +334,7 @@ def _train_crop(
         kind = BLUR_KINDS.index(label.blur_kind) if label.blur_kind in BLUR_KINDS else 1
     shown = labelled.with_image(degraded)
     if rng.random() < look_share:
-        look = sample_look(rng, cervix_fraction=(0.4, 1.35))
+        look = sample_look(rng, cervix_fraction=LOOK_CERVIX_FRACTION)
         # Mostly a frame whose cervix spans 1.5x the model input (the service re-decodes a photo's small
         # cervix at finer scale rather than enlarging it); a live preview frame has no finer scale, so a
         # share are 480 px frames whose cervix the service upsamples (up to ~2.5x) to the 448 px input.
@@ -618,20 +622,6 @@ def build_model(heads: Heads) -> QualityModel:
 # --- summary ---------------------------------------------------------------------------------------------
 
 
-def _share(hit: np.ndarray, folds: np.ndarray, groups: np.ndarray) -> dict[str, object]:
-    per_fold = [float(np.mean(hit[folds == f])) for f in np.unique(folds)]
-    ci = metrics.bootstrap_ci(
-        hit.astype(float), hit.astype(float), lambda y, _s: float(np.mean(y)), groups=groups
-    )
-    return {
-        "pooled": float(hit.mean()) if len(hit) else None,
-        "n": len(hit),
-        "folds": per_fold,
-        "fold_sd": float(np.std(per_fold)) if per_fold else None,
-        "ci95": {"low": ci["low"], "high": ci["high"], "n_cases": ci["n_units"]},
-    }
-
-
 def summarise(
     held_out: list[dict[str, np.ndarray]],
     final: dict[str, float],
@@ -669,8 +659,12 @@ def summarise(
             called = score >= pooled[f"threshold_{point}"]
             blurred, sharp = rows & known & (pooled["sharp"] == 0), rows & known & (pooled["sharp"] == 1)
             focus[f"{name}_{point}"] = {
-                "sensitivity": _share(called[blurred], pooled["fold"][blurred], pooled["subject"][blurred]),
-                "specificity": _share(~called[sharp], pooled["fold"][sharp], pooled["subject"][sharp]),
+                "sensitivity": metrics.share_with_spread(
+                    called[blurred], pooled["fold"][blurred], pooled["subject"][blurred]
+                ),
+                "specificity": metrics.share_with_spread(
+                    ~called[sharp], pooled["fold"][sharp], pooled["subject"][sharp]
+                ),
             }
         both = rows & known
         y = 1 - pooled["sharp"][both]
@@ -681,7 +675,7 @@ def summarise(
             }
         flagged = pooled["p_stage"][:, 0] < pooled["threshold_not_acetic"]
         stage_flags[name] = {
-            stage: _share(
+            stage: metrics.share_with_spread(
                 flagged[rows & (pooled["stage"] == k)],
                 pooled["fold"][rows & (pooled["stage"] == k)],
                 pooled["subject"][rows & (pooled["stage"] == k)],
@@ -735,6 +729,8 @@ CHANGELOG = (
     "against a re-blurred copy, where the not-sharp boundary spans 2.2 px instead of 1.1, plus directional "
     "gradient energies for linear motion blur; 30 % of device-look crops are preview frames; the exam stage "
     "from the trunk on the crop box-downscaled to 224 px. Heads refitted, thresholds re-chosen (nested).",
+    "3.0.1: same network and thresholds; the manifest records min_cervix_px (the smallest cervix the model "
+    "was trained to judge), which the service reads for cervix_too_small.",
 )
 # The focus features are logs of mean edge magnitudes, and the folded sharp head weighs 132 of them, some
 # with large weights (features of small spread): float32 summation order (PyTorch vs ONNX Runtime) moves its
@@ -815,6 +811,10 @@ def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
                 "operating point) or thresholds.not_sharp_balanced (the service's default)"
             ),
             "sharp_means": "PSF radius <= 0.25 % of the short side of the cervix region the crop shows",
+            "min_cervix_px": MIN_CERVIX_PX,
+            "min_cervix_px_means": "the smallest cervix box (original pixels) the model was trained to "
+            "judge: a smaller one is upsampled more than its training crops were; the service's "
+            "cervix_too_small",
             "not_acetic_score": "softmax(stage_logits)[acetic]; not acetic when < thresholds.not_acetic",
             "backbone": {
                 "name": origin.variant,
