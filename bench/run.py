@@ -28,10 +28,10 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from service.preprocess import crop, crop_box, fit, normalize, prepare
-from service.runtime import load_models
+from service.inference.preprocess import crop, crop_box, fit, normalize, prepare
+from service.inference.runtime import load_models
+from service.pipeline.voting import voting_variants
 from service.settings import Settings
-from service.voting import voting_variants
 
 REPO = Path(__file__).resolve().parents[1]
 ATLAS = REPO.parent / "shared" / "data" / "iarc-atlas"

@@ -17,9 +17,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.pipeline import STAGES
-from service.problems import PROBLEM_MEDIA_TYPE, TITLES
-from service.schemas import Problem
+from service.pipeline.stages import STAGES
+from service.render.problems import PROBLEM_MEDIA_TYPE, TITLES
+from service.render.schemas import Problem
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)

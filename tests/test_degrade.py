@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from service import measures
+from service.pipeline import measures
 from training.data import degrade as dg
 from training.data.degrade import Degradation
 

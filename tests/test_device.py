@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.decoding import decode_upload
+from service.io.decoding import decode_upload
 from training import device_suite
 from training.data.device import DeviceLook, apply_look, orient, plan_framing, sample_look
 from training.data.records import LabelledImage, Labels

@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 
-from service.manifest import (
+from service.inference.manifest import (
     MANIFEST_FILENAME,
     MODEL_FILENAME,
     InputSpec,
@@ -20,7 +20,7 @@ from service.manifest import (
     read_manifest,
     sha256_of,
 )
-from service.preprocess import prepare
+from service.inference.preprocess import prepare
 from training import export as export_mod
 from training.export import (
     CARD_FILENAME,

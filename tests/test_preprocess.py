@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.imaging import ImageDecodeError, load_rgb
-from service.manifest import (
+from service.inference.manifest import (
     InputSpec,
     Manifest,
     ModelIntegrityError,
@@ -18,7 +17,8 @@ from service.manifest import (
     sha256_of,
     write_manifest,
 )
-from service.preprocess import fit, normalize, prepare
+from service.inference.preprocess import fit, normalize, prepare
+from service.io.imaging import ImageDecodeError, load_rgb
 
 
 def _encode(image: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
@@ -153,7 +153,7 @@ def test_manifest_round_trip_and_integrity(tmp_path) -> None:
 
 
 def test_crop_box_grows_squares_and_clips() -> None:
-    from service.preprocess import crop, crop_box
+    from service.inference.preprocess import crop, crop_box
 
     region = crop_box((300, 200, 500, 300), width=800, height=600, margin=0.1)
     left, top, right, bottom = region

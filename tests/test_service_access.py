@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from service import access
+from service.api import access
 from service.app import create_app
 from service.settings import Settings
 from service.telemetry import JsonFormatter

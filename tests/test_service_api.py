@@ -19,10 +19,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
-from service.manifest import ModelIntegrityError, read_manifest
-from service.pipeline import Detection
-from service.reasons import ADVICE, MESSAGES
-from service.runtime import MODEL_NAMES
+from service.inference.manifest import ModelIntegrityError, read_manifest
+from service.inference.runtime import MODEL_NAMES
+from service.pipeline.stages import Detection
+from service.render.reasons import ADVICE, MESSAGES
 from service.settings import REPO_MODELS_DIR, Settings
 from service.telemetry import JsonFormatter
 from tests import service_inputs as make

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.app import AssessmentService
-from service.pipeline import Assessment, Lesion, Pipeline
-from service.runtime import ModelSet, load_models
+from service.api.handling import AssessmentService
+from service.inference.runtime import ModelSet, load_models
+from service.pipeline.spare import NO_SPARE_CORES, SpareCores
+from service.pipeline.stages import Assessment, Lesion, Pipeline
 from service.settings import Settings
-from service.spare import NO_SPARE_CORES, SpareCores
 from service.telemetry import Metrics
 
 

@@ -12,12 +12,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from service import measures
-from service.app import Admission
-from service.decoding import DecodeLimits, TooManyPixels, UnsupportedImageType, decode_upload
-from service.pipeline import Quality, Rules, framing_reasons, quality_reasons
-from service.problems import ProblemError
-from service.reasons import ADVICE, LANGUAGES, MESSAGES, PRIORITY, Reason, negotiate_language, ordered
+from service.api.handling import Admission
+from service.io.decoding import DecodeLimits, TooManyPixels, UnsupportedImageType, decode_upload
+from service.pipeline import measures
+from service.pipeline.rules import Rules, framing_reasons, quality_reasons
+from service.pipeline.stages import Quality
+from service.render.problems import ProblemError
+from service.render.reasons import ADVICE, LANGUAGES, MESSAGES, PRIORITY, Reason, negotiate_language, ordered
 from service.settings import Settings
 from service.telemetry import Metrics
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service import measures
-from service.manifest import Manifest, read_manifest
-from service.pipeline import Rules
-from service.preprocess import crop, fit, normalize, prepare
-from service.runtime import ModelConfigurationError, load_models
+from service.inference.manifest import Manifest, read_manifest
+from service.inference.preprocess import crop, fit, normalize, prepare
+from service.inference.runtime import ModelConfigurationError, load_models
+from service.pipeline import measures
+from service.pipeline.rules import Rules
+from service.pipeline.voting import PAPER_WEIGHTS
 from service.settings import Settings
-from service.voting import PAPER_WEIGHTS
 from training import presets
 from training.data.synthetic import generate_scene, generate_subject
 from training.export import ort_session

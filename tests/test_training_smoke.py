@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.manifest import read_manifest
+from service.inference.manifest import read_manifest
 from training.__main__ import main as training_cli
 from training.export import ort_session
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.manifest import InputSpec
-from service.voting import PAPER_WEIGHTS, variant_batch, voting_variants, weighted_vote
+from service.inference.manifest import InputSpec
+from service.pipeline.voting import PAPER_WEIGHTS, variant_batch, voting_variants, weighted_vote
 
 
 def test_paper_weights_sum_to_one() -> None:

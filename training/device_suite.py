@@ -4,7 +4,7 @@ Training draws random device looks (`training.data.device`); evaluation needs fi
 figure can be reported "as taken" and under each transform, and so a photo's decision can be compared
 across them (the same photo must get the same decision). Each transform returns the JPEG bytes a phone
 would upload; the models are then measured on what the service decodes from them
-(`service.decoding.decode_upload`: EXIF orientation, DCT-reduced decode), not on arrays.
+(`service.io.decoding.decode_upload`: EXIF orientation, DCT-reduced decode), not on arrays.
 
 | transform | what it stands for |
 |---|---|
@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
-from service.decoding import DecodeLimits
+from service.io.decoding import DecodeLimits
 from service.settings import Settings
 from training.data.degrade import to_linear, to_srgb
 
@@ -48,7 +48,7 @@ def _served_limits() -> DecodeLimits:
     )
 
 
-# Suite uploads are scored on what `service.decoding.decode_upload` makes of them with these limits.
+# Suite uploads are scored on what `service.io.decoding.decode_upload` makes of them with these limits.
 SERVED_DECODE = _served_limits()
 
 PHONE_SIZES = ((4032, 3024), (3264, 2448))

@@ -41,7 +41,7 @@ import onnx
 import onnxruntime
 import torch
 
-from service.manifest import (
+from service.inference.manifest import (
     MODEL_FILENAME,
     InputSpec,
     Manifest,
@@ -121,7 +121,7 @@ def export_onnx(
 ) -> ExportResult:
     """Export, check, prove parity, time, and write model.onnx + manifest.json + MODEL_CARD.md to out_dir.
 
-    `parity_inputs` are 1xCxHxW float32 arrays already made by `service.preprocess.prepare` (include
+    `parity_inputs` are 1xCxHxW float32 arrays already made by `service.inference.preprocess.prepare` (include
     real images). The model may return a dict keyed by output name (preferred: matched by name), a
     tensor (one output) or a tuple/list (matched by position). Nothing in out_dir is replaced unless
     every check passes.
@@ -260,7 +260,8 @@ def _check_parity_inputs(arrays: Sequence[np.ndarray], spec: InputSpec) -> list[
         if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.shape != want:
             got = (getattr(a, "dtype", type(a)), getattr(a, "shape", None))
             raise ValueError(
-                f"parity_inputs[{i}] is {got}; expected float32 {want} from service.preprocess.prepare"
+                f"parity_inputs[{i}] is {got}; expected float32 {want} "
+                "from service.inference.preprocess.prepare"
             )
     return [np.ascontiguousarray(a) for a in arrays]
 

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from service.manifest import InputSpec
-from service.preprocess import normalize_batch
+from service.inference.manifest import InputSpec
+from service.inference.preprocess import normalize_batch
 
 # The TorchScript exporter warns once per strided slice that it cannot fold it; harmless and noisy.
 warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
@@ -100,7 +100,8 @@ def onnx_session(
 
 class TorchOnOnnx:
     """A torch model run by ONNX Runtime, with a manifest-like `.manifest.input`: what the service's stage
-    functions take (`service.pipeline.RunsModel`), so training measures fold models with the served code."""
+    functions take (`service.pipeline.stages.RunsModel`), so training measures fold models with the served
+    code."""
 
     def __init__(self, module: nn.Module, spec: InputSpec, names: tuple[str, ...]) -> None:
         self.manifest = SimpleNamespace(input=spec)

@@ -1,6 +1,6 @@
 """Input specs and transforms for the four models: the one place that owns them.
 
-Evaluation transforms are the service's own preprocessing (`service.preprocess.prepare`) on the
+Evaluation transforms are the service's own preprocessing (`service.inference.preprocess.prepare`) on the
 spec written into each manifest, so what a model was measured with is what it is served with.
 Training transforms are that same deterministic path with augmentation in front of it.
 """
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.manifest import InputSpec
-from service.preprocess import crop, crop_box, fit, normalize
+from service.inference.manifest import InputSpec
+from service.inference.preprocess import crop, crop_box, fit, normalize
 from training.backbones import LITE_MEAN, LITE_STD
 from training.data.annotations import draw_random_marks
 from training.data.records import LabelledImage
@@ -34,7 +34,8 @@ INPUT_SPECS: dict[str, InputSpec] = {
     "severity": InputSpec(name="crop", width=224, height=224, channels=(*_RGB, "lesion_probability"),
                           resize="letterbox", mean=(*_MEAN, 0.5), std=(*_STD, 0.25)),
 }  # fmt: skip
-# Crop-level models see the detector box grown by this fraction per side (service.preprocess.crop_box).
+# Crop-level models see the detector box grown by this fraction per side
+# (service.inference.preprocess.crop_box).
 CROP_MARGIN = 0.1
 
 

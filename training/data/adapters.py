@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
-from service.imaging import load_mask, load_rgb
+from service.io.imaging import load_mask, load_rgb
 from training.data.records import EXAM_STAGES, ImageRecord, LabelledImage, Labels, Severity
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif"})

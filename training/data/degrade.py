@@ -52,7 +52,7 @@ highlights: the atlas measures median 0.8 %, 95th percentile 4.1 %, max 7 %. ``G
 (a tenth of the tissue hidden under clipped white, above every atlas image) is where the service
 should ask for a retake.
 
-The exposure and glare measures and their thresholds live in `service/measures.py`: the service
+The exposure and glare measures and their thresholds live in `service/pipeline/measures.py`: the service
 reports exactly what these labels mean.
 """
 
@@ -68,7 +68,7 @@ from scipy import ndimage
 from scipy.signal import fftconvolve
 
 # Labels use the service's own measures, so a training label and a served reason cannot drift apart.
-from service.measures import (
+from service.pipeline.measures import (
     SATURATED_LEVEL,
     exposure_from_luma,
     luma,

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from service.manifest import InputSpec, OutputSpec
-from service.preprocess import prepare
+from service.inference.manifest import InputSpec, OutputSpec
+from service.inference.preprocess import prepare
 from training import engine, presets
 from training import export as export_step
 from training.data import catalog

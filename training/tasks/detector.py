@@ -39,9 +39,9 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from service.decoding import decode_upload
-from service.manifest import OutputSpec
-from service.preprocess import fit, prepare
+from service.inference.manifest import OutputSpec
+from service.inference.preprocess import fit, prepare
+from service.io.decoding import decode_upload
 from training import backbones, device_suite, engine, metrics, presets, reports
 from training import export as export_step
 from training.data.degrade import Degradation, apply_degradation

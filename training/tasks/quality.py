@@ -51,11 +51,11 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from service import measures
-from service.decoding import decode_upload
-from service.manifest import OutputSpec
-from service.pipeline import detect_cervix
-from service.preprocess import crop, crop_box, fit
+from service.inference.manifest import OutputSpec
+from service.inference.preprocess import crop, crop_box, fit
+from service.io.decoding import decode_upload
+from service.pipeline import measures
+from service.pipeline.stages import detect_cervix
 from training import backbones, device_suite, engine, metrics, presets, reports
 from training import export as export_step
 from training.data.degrade import BLUR_KINDS, apply_degradation, sample_degradation, sharpness_label
@@ -802,9 +802,9 @@ def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
             "exposure_measure": {
                 "tissue_semi_axes": list(measures.TISSUE_SEMI_AXES),
                 "saturated_level": measures.SATURATED_LEVEL,
-                "rule": "service.measures: Rec. 601 luma and clipped-white fraction of the central ellipse "
-                "(semi-axes as fractions of the crop's W, H); a pixel is clipped when every channel >= "
-                "saturated_level",
+                "rule": "service.pipeline.measures: Rec. 601 luma and clipped-white fraction of the central "
+                "ellipse (semi-axes as fractions of the crop's W, H); a pixel is clipped when every channel "
+                ">= saturated_level",
             },
             "not_sharp_score": (
                 "1 - sigmoid(sharp_logit); not sharp when >= thresholds.not_sharp (high-sensitivity "

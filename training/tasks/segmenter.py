@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from service.manifest import OutputSpec
-from service.preprocess import crop, fit, prepare
+from service.inference.manifest import OutputSpec
+from service.inference.preprocess import crop, fit, prepare
 from training import engine, metrics, presets, reports
 from training import export as export_step
 from training.data.adapters import iarc_atlas

@@ -22,9 +22,9 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from service.manifest import InputSpec, Manifest, OutputSpec, read_manifest
-from service.preprocess import crop, fit, normalize, prepare
-from service.voting import PAPER_BRIGHTNESS, PAPER_WEIGHTS, variant_batch, voting_variants
+from service.inference.manifest import InputSpec, Manifest, OutputSpec, read_manifest
+from service.inference.preprocess import crop, fit, normalize, prepare
+from service.pipeline.voting import PAPER_BRIGHTNESS, PAPER_WEIGHTS, variant_batch, voting_variants
 from training import engine, metrics, presets, reports
 from training import export as export_step
 from training.data.records import LabelledImage
@@ -330,7 +330,7 @@ def report(args: argparse.Namespace) -> dict[str, Path]:
         notes=(
             "Real figures: atlas acetic-acid photos of held-out cases (grouped 5-fold), histology per "
             "case (HSIL = CIN2+). 'single' scores the original input; 'voting' is the weighted vote over "
-            "the paper's six variants, computed as the service computes it (service.voting).",
+            "the paper's six variants, computed as the service computes it (service.pipeline.voting).",
             "The atlas is small (44 cases, about three HSIL per LSIL): confidence intervals are wide.",
         ),
     )
@@ -384,7 +384,7 @@ def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
                 "order": list(VOTING_ORDER),
                 "weights": PAPER_WEIGHTS,
                 "brightness": PAPER_BRIGHTNESS,
-                "rule": "service.voting: weighted mean of P(CIN2+) over the variants",
+                "rule": "service.pipeline.voting: weighted mean of P(CIN2+) over the variants",
             },
             "crop_margin": presets.CROP_MARGIN,
         },

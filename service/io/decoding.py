@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from service.imaging import exif_orientation, to_rgb
+from service.io.imaging import exif_orientation, to_rgb
 
 # Pillow format name -> media type. MPO is what many phones write: a JPEG with extra frames (depth, preview).
 SUPPORTED_FORMATS = {

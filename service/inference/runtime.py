@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.manifest import MODEL_FILENAME, Manifest, ModelIntegrityError, read_manifest
+from service.inference.manifest import MODEL_FILENAME, Manifest, ModelIntegrityError, read_manifest
 from service.settings import Settings
 
 MODEL_NAMES = ("detector", "quality", "segmenter", "severity")
@@ -28,7 +28,7 @@ class OnnxModel:
     session: ort.InferenceSession
 
     def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
-        """Outputs by name for one NCHW float32 input prepared by `service.preprocess`."""
+        """Outputs by name for one NCHW float32 input prepared by `service.inference.preprocess`."""
         names = [output.name for output in self.manifest.outputs]
         return dict(zip(names, self.session.run(names, {self.manifest.input.name: tensor}), strict=True))
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from service.manifest import InputSpec
+from service.inference.manifest import InputSpec
 
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,

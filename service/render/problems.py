@@ -7,8 +7,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.decoding import UploadRejected
-from service.schemas import Problem
+from service.io.decoding import UploadRejected
+from service.render.schemas import Problem
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from service.reasons import Reason
+from service.render.reasons import Reason
 
 
 class ReasonOut(BaseModel):

@@ -14,7 +14,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import Field, File, FormParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
-from service.problems import ProblemError
+from service.render.problems import ProblemError
 
 IMAGE_FIELD = "image"
 MAX_PARTS = 16  # a photo upload has one or two parts; thousands of tiny ones are an attack on the parser

@@ -15,22 +15,22 @@ from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 
-from service import measures
-from service.decoding import DecodedImage, DecodeLimits, decode_upload
-from service.manifest import InputSpec
-from service.preprocess import crop_box, fit, normalize, prepare
-from service.reasons import Reason, ordered
-from service.runtime import ModelConfigurationError, ModelSet
+from service.inference.manifest import InputSpec
+from service.inference.preprocess import crop_box, fit, normalize, prepare
+from service.inference.runtime import ModelConfigurationError, ModelSet
+from service.io.decoding import DecodedImage, DecodeLimits, decode_upload
+from service.pipeline import measures
+from service.pipeline.rules import Rules, framing_reasons, quality_reasons
+from service.pipeline.spare import NO_SPARE_CORES, SpareCores
+from service.pipeline.voting import variant_batch, voting_variants, weighted_vote
+from service.render.reasons import Reason, ordered
 from service.settings import Settings
-from service.spare import NO_SPARE_CORES, SpareCores
-from service.voting import variant_batch, voting_variants, weighted_vote
 
 T = TypeVar("T")
 Box = tuple[float, float, float, float]
 Region = tuple[int, int, int, int]
 Variants = dict[str, tuple[np.ndarray, np.ndarray]]  # voting variant name -> (RGB, lesion channel)
 STAGES = ("decode", "detect", "quality", "segment", "classify")
-_EDGE_TOLERANCE = 0.02  # a box within 2 % of the frame's size from an edge touches it
 
 
 @dataclass(frozen=True)
@@ -89,64 +89,6 @@ class Assessment:
         return "diagnosis" if self.diagnosis is not None else "accept"
 
 
-@dataclass(frozen=True)
-class Rules:
-    """Every threshold a decision uses, read once from the manifests (and the few product settings)."""
-
-    cervix_present: float
-    not_sharp: float
-    not_acetic: float
-    exposure: measures.ExposureRule
-    glare_max: float
-    lesion: float
-    cin2plus: float
-    crop_margin: float
-    min_area_fraction: float
-    min_crop_px: int
-    cut_off_max_extent: float
-    stage_labels: tuple[str, ...] = ("acetic", "saline", "iodine", "green")
-    blur_labels: tuple[str, ...] = ("none", "defocus", "motion")
-
-    @classmethod
-    def from_models(cls, models: ModelSet, settings: Settings) -> Rules:
-        quality = models.quality.manifest.thresholds
-        measured_over = models.quality.manifest.extra.get("exposure_measure")
-        if not isinstance(measured_over, dict):
-            raise ModelConfigurationError(
-                "the quality manifest has no extra.exposure_measure (tissue ellipse, saturation level): "
-                "re-export it with `python -m training export quality`"
-            )
-        min_crop_px = settings.min_cervix_crop_px or models.quality.manifest.extra.get("min_cervix_px")
-        if not isinstance(min_crop_px, int):
-            raise ModelConfigurationError(
-                "the quality manifest has no extra.min_cervix_px (the smallest cervix it can judge): "
-                "re-export it with `python -m training export quality`, or set CERVIGATE_MIN_CERVIX_CROP_PX"
-            )
-        focus_key = "not_sharp_balanced" if settings.focus_operating_point == "balanced" else "not_sharp"
-        return cls(
-            cervix_present=models.detector.manifest.thresholds["cervix_present"],
-            not_sharp=quality[focus_key],
-            not_acetic=quality["not_acetic"],
-            exposure=measures.ExposureRule(
-                dark_max=quality["dark_max"],
-                over_min=quality["over_min"],
-                white_luma=quality["white_luma"],
-                over_white_max=quality["over_white_max"],
-                saturated_level=int(measured_over["saturated_level"]),
-                tissue_semi_axes=tuple(measured_over["tissue_semi_axes"]),
-            ),
-            glare_max=quality["glare_max"],
-            lesion=models.segmenter.manifest.thresholds["lesion"],
-            cin2plus=models.severity.manifest.thresholds["cin2plus"],
-            crop_margin=float(models.quality.manifest.extra["crop_margin"]),  # type: ignore[arg-type]
-            min_area_fraction=settings.min_cervix_area_fraction,
-            min_crop_px=min_crop_px,
-            cut_off_max_extent=settings.cut_off_max_extent,
-            stage_labels=tuple(models.quality.manifest.labels["stage_logits"]),
-            blur_labels=tuple(models.quality.manifest.labels["blur_kind_logits"]),
-        )
-
-
 class Pipeline:
     def __init__(self, models: ModelSet, settings: Settings, spare: SpareCores = NO_SPARE_CORES) -> None:
         self.models = models
@@ -166,7 +108,7 @@ class Pipeline:
         """The whole chain for one upload; stops at the first stage that asks for a recapture.
 
         `diagnose=False` is the preview gate: detect, crop and quality checks only.
-        Raises `service.decoding.UploadRejected` for uploads that are not a usable image.
+        Raises `service.io.decoding.UploadRejected` for uploads that are not a usable image.
         """
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -313,44 +255,6 @@ def check_quality(model: RunsModel, crop_rgb: np.ndarray, rules: Rules) -> Quali
         exam_stage=rules.stage_labels[int(np.argmax(stage_p))],
         p_acetic=float(stage_p[rules.stage_labels.index("acetic")]),
     )
-
-
-# --- decision rules: pure functions of model outputs and thresholds -------------------------------------
-
-
-def framing_reasons(box: Box, size: tuple[int, int], rules: Rules) -> list[Reason]:
-    width, height = size
-    x0, y0, x1, y1 = box
-    reasons = []
-    if _cut_off(x0, x1, width, rules) or _cut_off(y0, y1, height, rules):
-        reasons.append(Reason.CERVIX_CUT_OFF)
-    too_small_area = (x1 - x0) * (y1 - y0) < rules.min_area_fraction * width * height
-    if too_small_area or min(x1 - x0, y1 - y0) < rules.min_crop_px:
-        reasons.append(Reason.CERVIX_TOO_SMALL)
-    return reasons
-
-
-def _cut_off(low: float, high: float, size: int, rules: Rules) -> bool:
-    """The cervix runs into one edge of the frame but not the opposite one, and is short along that
-    axis: the frame cut it. A cervix touching both edges (filling the frame) is close-up, not cut."""
-    tolerance = _EDGE_TOLERANCE * size
-    touches_low, touches_high = low <= tolerance, high >= size - tolerance
-    return touches_low != touches_high and (high - low) < rules.cut_off_max_extent * size
-
-
-def quality_reasons(quality: Quality, rules: Rules) -> set[Reason]:
-    reasons = set()
-    if quality.exposure == "dark":
-        reasons.add(Reason.TOO_DARK)
-    elif quality.exposure == "over":
-        reasons.add(Reason.OVEREXPOSED)
-    if quality.glare_fraction > rules.glare_max:
-        reasons.add(Reason.GLARE)
-    if quality.not_sharp:
-        reasons.add(Reason.MOTION_BLUR if quality.blur_kind == "motion" else Reason.OUT_OF_FOCUS)
-    if quality.p_acetic < rules.not_acetic:
-        reasons.add(Reason.NOT_ACETIC)
-    return reasons
 
 
 @contextmanager

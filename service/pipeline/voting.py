@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from service.manifest import InputSpec
-from service.preprocess import standardize_planar
+from service.inference.manifest import InputSpec
+from service.inference.preprocess import standardize_planar
 
 # name -> weight, in the paper's order: original, lesion-only, both flipped, two brightness variants.
 PAPER_WEIGHTS: dict[str, float] = {

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from fastapi import Request
 
-from service.problems import ProblemError
+from service.render.problems import ProblemError
 
 _PREFIX = "sha256:"
 

@@ -1,0 +1,66 @@
+"""FastAPI dependencies: the ready service, the response language, the review extras asked for, the API-key
+checks, and the `Annotated[..., Depends()]` aliases the routes use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Header, Query, Request
+
+from service.api import access
+from service.api.handling import AssessmentService
+from service.render.problems import ProblemError
+from service.render.reasons import negotiate_language
+
+INCLUDE_PATTERN = r"^(mask|overlay)(,(mask|overlay))*$"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Digests of the configured API keys and metrics keys (service.api.access)."""
+
+    api: tuple[bytes, ...]
+    metrics: tuple[bytes, ...]
+
+
+def get_service(request: Request) -> AssessmentService:
+    service: AssessmentService | None = getattr(request.app.state, "service", None)
+    if service is None or not request.app.state.ready:
+        raise ProblemError(
+            503, "not_ready", "the models are still loading; retry shortly", {"Retry-After": "1"}
+        )
+    return service
+
+
+def get_language(accept_language: Annotated[str | None, Header()] = None) -> str:
+    return negotiate_language(accept_language)
+
+
+def get_include(
+    include: Annotated[
+        str | None,
+        Query(
+            pattern=INCLUDE_PATTERN, description="comma-separated extras: mask (lesion PNG), overlay (JPEG)"
+        ),
+    ] = None,
+) -> set[str]:
+    return set(include.split(",")) if include else set()
+
+
+def require_api_key(request: Request) -> None:
+    keys: Keys = request.app.state.keys
+    if keys.api:
+        access.check(request, keys.api)
+
+
+def require_metrics_key(request: Request) -> None:
+    keys: Keys = request.app.state.keys
+    if keys.metrics:
+        access.check(request, keys.metrics, also_known=keys.api)
+
+
+ServiceDep = Annotated[AssessmentService, Depends(get_service)]
+LanguageDep = Annotated[str, Depends(get_language)]
+IncludeDep = Annotated[set[str], Depends(get_include)]

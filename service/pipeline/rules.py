@@ -1,0 +1,114 @@
+"""The decision rules: every threshold a decision uses, read once from the manifests (and a few product
+settings), and the pure functions that turn stage outputs into recapture reasons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from service.inference.runtime import ModelConfigurationError, ModelSet
+from service.pipeline import measures
+from service.render.reasons import Reason
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.pipeline.stages import Box, Quality
+
+_EDGE_TOLERANCE = 0.02  # a box within 2 % of the frame's size from an edge touches it
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Every threshold a decision uses, read once from the manifests (and the few product settings)."""
+
+    cervix_present: float
+    not_sharp: float
+    not_acetic: float
+    exposure: measures.ExposureRule
+    glare_max: float
+    lesion: float
+    cin2plus: float
+    crop_margin: float
+    min_area_fraction: float
+    min_crop_px: int
+    cut_off_max_extent: float
+    stage_labels: tuple[str, ...] = ("acetic", "saline", "iodine", "green")
+    blur_labels: tuple[str, ...] = ("none", "defocus", "motion")
+
+    @classmethod
+    def from_models(cls, models: ModelSet, settings: Settings) -> Rules:
+        quality = models.quality.manifest.thresholds
+        measured_over = models.quality.manifest.extra.get("exposure_measure")
+        if not isinstance(measured_over, dict):
+            raise ModelConfigurationError(
+                "the quality manifest has no extra.exposure_measure (tissue ellipse, saturation level): "
+                "re-export it with `python -m training export quality`"
+            )
+        min_crop_px = settings.min_cervix_crop_px or models.quality.manifest.extra.get("min_cervix_px")
+        if not isinstance(min_crop_px, int):
+            raise ModelConfigurationError(
+                "the quality manifest has no extra.min_cervix_px (the smallest cervix it can judge): "
+                "re-export it with `python -m training export quality`, or set CERVIGATE_MIN_CERVIX_CROP_PX"
+            )
+        focus_key = "not_sharp_balanced" if settings.focus_operating_point == "balanced" else "not_sharp"
+        return cls(
+            cervix_present=models.detector.manifest.thresholds["cervix_present"],
+            not_sharp=quality[focus_key],
+            not_acetic=quality["not_acetic"],
+            exposure=measures.ExposureRule(
+                dark_max=quality["dark_max"],
+                over_min=quality["over_min"],
+                white_luma=quality["white_luma"],
+                over_white_max=quality["over_white_max"],
+                saturated_level=int(measured_over["saturated_level"]),
+                tissue_semi_axes=tuple(measured_over["tissue_semi_axes"]),
+            ),
+            glare_max=quality["glare_max"],
+            lesion=models.segmenter.manifest.thresholds["lesion"],
+            cin2plus=models.severity.manifest.thresholds["cin2plus"],
+            crop_margin=float(models.quality.manifest.extra["crop_margin"]),  # type: ignore[arg-type]
+            min_area_fraction=settings.min_cervix_area_fraction,
+            min_crop_px=min_crop_px,
+            cut_off_max_extent=settings.cut_off_max_extent,
+            stage_labels=tuple(models.quality.manifest.labels["stage_logits"]),
+            blur_labels=tuple(models.quality.manifest.labels["blur_kind_logits"]),
+        )
+
+
+# --- decision rules: pure functions of model outputs and thresholds -------------------------------------
+
+
+def framing_reasons(box: Box, size: tuple[int, int], rules: Rules) -> list[Reason]:
+    width, height = size
+    x0, y0, x1, y1 = box
+    reasons = []
+    if _cut_off(x0, x1, width, rules) or _cut_off(y0, y1, height, rules):
+        reasons.append(Reason.CERVIX_CUT_OFF)
+    too_small_area = (x1 - x0) * (y1 - y0) < rules.min_area_fraction * width * height
+    if too_small_area or min(x1 - x0, y1 - y0) < rules.min_crop_px:
+        reasons.append(Reason.CERVIX_TOO_SMALL)
+    return reasons
+
+
+def _cut_off(low: float, high: float, size: int, rules: Rules) -> bool:
+    """The cervix runs into one edge of the frame but not the opposite one, and is short along that
+    axis: the frame cut it. A cervix touching both edges (filling the frame) is close-up, not cut."""
+    tolerance = _EDGE_TOLERANCE * size
+    touches_low, touches_high = low <= tolerance, high >= size - tolerance
+    return touches_low != touches_high and (high - low) < rules.cut_off_max_extent * size
+
+
+def quality_reasons(quality: Quality, rules: Rules) -> set[Reason]:
+    reasons = set()
+    if quality.exposure == "dark":
+        reasons.add(Reason.TOO_DARK)
+    elif quality.exposure == "over":
+        reasons.add(Reason.OVEREXPOSED)
+    if quality.glare_fraction > rules.glare_max:
+        reasons.add(Reason.GLARE)
+    if quality.not_sharp:
+        reasons.add(Reason.MOTION_BLUR if quality.blur_kind == "motion" else Reason.OUT_OF_FOCUS)
+    if quality.p_acetic < rules.not_acetic:
+        reasons.add(Reason.NOT_ACETIC)
+    return reasons

@@ -1,0 +1,1 @@
+"""What clients read: response schemas, RFC 9457 problems, reason messages and advice, review images."""
