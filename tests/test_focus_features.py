@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter, uniform_filter1d
 
-from training.tasks.quality import DirectionalEnergy, SeparableBlur
+from training.tasks.quality import DirectionalEnergy, SeparableBlur, tissue_mask
 
 SIDE = 448
 
@@ -17,9 +17,10 @@ def _texture(seed: int = 0) -> np.ndarray:
     return 0.25 * texture / texture.std()
 
 
-def _energies(grey: np.ndarray) -> torch.Tensor:
+def _energies(grey: np.ndarray, *, masked: bool = True) -> torch.Tensor:
     image = torch.from_numpy(np.repeat(grey[None, None], 3, axis=1).astype(np.float32))
-    return DirectionalEnergy()(image, SeparableBlur(1.0)(image))[0]
+    tissue = tissue_mask(image) if masked else torch.ones_like(image[:, :1])
+    return DirectionalEnergy()(image, SeparableBlur(1.0)(image), tissue)[0]
 
 
 def test_directional_energy_is_weakest_along_a_linear_motion_blur() -> None:
@@ -34,3 +35,22 @@ def test_directional_energy_is_weakest_along_a_linear_motion_blur() -> None:
 def test_directional_energies_of_a_sharp_isotropic_texture_agree() -> None:
     # Diagonal differences are per pixel of distance, so no direction reads sharper by construction.
     assert float(_energies(_texture(seed=1))[8]) < 0.15
+
+
+def test_a_dark_aperture_does_not_change_the_focus_statistics() -> None:
+    """A blurred cervix behind a round field of view reads the same as without it: over the whole crop, the
+    flat surround and the aperture's sharp edge would move every energy by how much of the crop they take."""
+    blurred = gaussian_filter(_texture(seed=2), 3.0)
+    yy, xx = np.mgrid[:SIDE, :SIDE]
+    framed = np.where((yy - SIDE / 2) ** 2 + (xx - SIDE / 2) ** 2 > (0.4 * SIDE) ** 2, -1.0, blurred)
+    plain = _energies(blurred)
+    assert torch.allclose(_energies(framed), plain, atol=0.03)
+    assert float((_energies(framed, masked=False)[:4] - plain[:4]).abs().min()) > 0.2
+
+
+def test_the_tissue_mask_skips_the_surround_its_margin_and_the_border() -> None:
+    image = torch.zeros(1, 3, 64, 64)
+    image[..., :, 40:] = -1.0  # a dark band on the right
+    tissue = tissue_mask(image)[0, 0]
+    assert tissue[20:44, 20:31].all()  # tissue 9 px or more from the band and the border
+    assert not tissue[:, 32:].any() and not tissue[:8].any() and not tissue[:, :8].any()
