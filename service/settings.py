@@ -76,8 +76,19 @@ class Settings(BaseSettings):
         ge=1,
         description="width x height above this gets 413 (50 MP phones' full mode fits)",
     )
+    max_exam_photos: int = Field(
+        default=12, ge=1, le=64, description="photos one /v1/exams request may carry"
+    )
+    max_exam_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1,
+        description="a /v1/exams body over this gets 413 (each photo: max_upload_bytes)",
+    )
     request_deadline_s: float = Field(
-        default=10.0, gt=0, description="queueing plus processing beyond this gets 504; the phone retries"
+        default=10.0,
+        gt=0,
+        description="queueing plus processing of one photo beyond this gets 504 (each photo of an exam "
+        "gets its own, from its turn); the phone retries",
     )
     upload_timeout_s: float = Field(
         default=30.0, gt=0, description="a request body not received within this gets 408"

@@ -23,6 +23,7 @@ from service.render.schemas import Problem
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+_EXAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
 access_log = logging.getLogger("cervigate.access")
 log = logging.getLogger("cervigate")
@@ -50,7 +51,11 @@ class Metrics:
         self.reasons = Counter(
             "cervigate_recapture_reasons", "Recapture reasons given", ["reason"], registry=r
         )
-        self.inflight = Gauge("cervigate_inflight_requests", "Requests admitted and not finished", registry=r)
+        self.inflight = Gauge(
+            "cervigate_inflight_requests",
+            "Requests admitted and not finished (an exam counts its photos)",
+            registry=r,
+        )
         self.rejected = Counter(
             "cervigate_rejected", "Requests refused, by problem code (overloaded = load shedding)", ["cause"],
             registry=r,
@@ -59,6 +64,17 @@ class Metrics:
             "cervigate_model_info", "Loaded models (value 1)", ["model", "version"], registry=r
         )
         self.ready = Gauge("cervigate_ready", "1 when every model is loaded and warmed up", registry=r)
+        self.exams = Counter("cervigate_exams", "Exams answered, by decision", ["decision"], registry=r)
+        self.exam_photos = Counter(
+            "cervigate_exam_photos", "Exam photos by outcome: used, accepted, retake, problem", ["outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.exam_size = Histogram(
+            "cervigate_exam_size_photos", "Photos per exam", buckets=(1, 2, 3, 4, 6, 8, 12), registry=r
+        )
+        self.exam_duration = Histogram(
+            "cervigate_exam_duration_seconds", "Server-side time per exam", buckets=_EXAM_BUCKETS, registry=r
+        )
         for stage in STAGES:  # every stage series exists from the start, so dashboards never see gaps
             self.stage_duration.labels(stage)
 
@@ -66,6 +82,16 @@ class Metrics:
         for stage, ms in timings_ms.items():
             if stage in STAGES:
                 self.stage_duration.labels(stage).observe(ms / 1000.0)
+
+    def observe_exam(self, decision: str, outcomes: Iterable[str], seconds: float) -> None:
+        """One exam: its decision, what became of each of its photos, and how long it took."""
+        self.exams.labels(decision).inc()
+        size = 0
+        for outcome in outcomes:
+            self.exam_photos.labels(outcome).inc()
+            size += 1
+        self.exam_size.observe(size)
+        self.exam_duration.observe(seconds)
 
     def observe_decision(self, decision: str, reasons: Iterable[str]) -> None:
         self.decisions.labels(decision).inc()

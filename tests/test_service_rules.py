@@ -15,7 +15,7 @@ from PIL import Image
 from service.api.handling import Admission
 from service.io.decoding import DecodeLimits, TooManyPixels, UnsupportedImageType, decode_upload
 from service.pipeline import measures
-from service.pipeline.rules import Rules, framing_reasons, quality_reasons
+from service.pipeline.rules import Rules, framing_reasons, quality_reasons, shown_stage
 from service.pipeline.stages import Quality
 from service.render.problems import ProblemError
 from service.render.reasons import ADVICE, LANGUAGES, MESSAGES, PRIORITY, Reason, negotiate_language, ordered
@@ -37,7 +37,7 @@ RULES = Rules(
 )
 GOOD = Quality(
     sharpness=0.99, not_sharp=False, blur_kind="none", exposure="ok", luma=0.5, glare_fraction=0.01,
-    exam_stage="acetic", p_acetic=0.8,
+    exam_stage="acetic", p_acetic=0.8, likeliest_other_stage="saline",
 )  # fmt: skip
 
 
@@ -119,6 +119,32 @@ def test_quality_rules(change: dict, expected: set[Reason]) -> None:
     from dataclasses import replace
 
     assert quality_reasons(replace(GOOD, **change), RULES) == expected
+
+
+def test_an_exam_view_of_another_stage_is_not_sent_back_for_not_acetic() -> None:
+    from dataclasses import replace
+
+    saline = replace(GOOD, exam_stage="saline", p_acetic=0.05)
+    assert quality_reasons(saline, RULES, expect_acetic=False) == set()
+    assert quality_reasons(replace(saline, not_sharp=True), RULES, expect_acetic=False) == {
+        Reason.OUT_OF_FOCUS
+    }
+
+
+@pytest.mark.parametrize(
+    ("p_acetic", "other", "expected"),
+    [
+        (0.8, "saline", "acetic"),
+        (0.2, "iodine", "acetic"),
+        (0.19, "iodine", "iodine"),
+        (0.0, "green", "green"),
+    ],
+)
+def test_the_shown_stage_uses_the_not_acetic_threshold(p_acetic: float, other: str, expected: str) -> None:
+    from dataclasses import replace
+
+    quality = replace(GOOD, p_acetic=p_acetic, likeliest_other_stage=other)
+    assert shown_stage(quality, RULES) == expected  # RULES.not_acetic is 0.2
 
 
 def _jpeg(width: int, height: int, **options: object) -> bytes:

@@ -15,6 +15,7 @@ from service.render.problems import ProblemError
 from service.render.reasons import negotiate_language
 
 INCLUDE_PATTERN = r"^(mask|overlay)(,(mask|overlay))*$"
+EXAM_INCLUDE_PATTERN = r"^(mask|overlay|contact_sheet)(,(mask|overlay|contact_sheet))*$"
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,18 @@ def get_include(
     return set(include.split(",")) if include else set()
 
 
+def get_exam_include(
+    include: Annotated[
+        str | None,
+        Query(
+            pattern=EXAM_INCLUDE_PATTERN,
+            description="comma-separated extras: mask and overlay (per photo), contact_sheet (the exam's)",
+        ),
+    ] = None,
+) -> set[str]:
+    return set(include.split(",")) if include else set()
+
+
 def require_api_key(request: Request) -> None:
     keys: Keys = request.app.state.keys
     if keys.api:
@@ -64,3 +77,4 @@ def require_metrics_key(request: Request) -> None:
 ServiceDep = Annotated[AssessmentService, Depends(get_service)]
 LanguageDep = Annotated[str, Depends(get_language)]
 IncludeDep = Annotated[set[str], Depends(get_include)]
+ExamIncludeDep = Annotated[set[str], Depends(get_exam_include)]

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 
 import anyio
@@ -16,10 +18,14 @@ from fastapi import Request, Response
 from PIL import Image
 
 from service.inference.runtime import ModelSet
-from service.io.uploads import read_image
+from service.io.decoding import UploadRejected
+from service.io.uploads import describe_size, read_exam, read_image
+from service.pipeline.exams import ExamPhoto, PartProblem, summarise
+from service.pipeline.rules import ACETIC
 from service.pipeline.spare import SpareCores
 from service.pipeline.stages import Assessment, Pipeline
 from service.render import review
+from service.render.exams import exam_response, photo_outcome
 from service.render.problems import ProblemError
 from service.render.reasons import ADVICE, MESSAGES
 from service.render.schemas import AssessmentOut, CervixOut, DiagnosisOut, LesionOut, QualityOut, ReasonOut
@@ -36,21 +42,44 @@ class Admission:
         self.inflight = 0  # one event loop: no lock needed
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self) -> AsyncIterator[Ticket]:
+        """One admitted request; an exam then grows its ticket to count every photo."""
         if self.inflight >= self.max_inflight:
-            raise ProblemError(
-                503,
-                "overloaded",
-                "the service is at capacity; retry after the delay in Retry-After",
-                headers={"Retry-After": str(self.retry_after)},
-            )
-        self.inflight += 1
-        self.metrics.inflight.inc()
+            raise self._overloaded()
+        ticket = Ticket(weight=1)
+        self._add(1)
         try:
-            yield
+            yield ticket
         finally:
-            self.inflight -= 1
-            self.metrics.inflight.dec()
+            self._add(-ticket.weight)
+
+    def grow(self, ticket: Ticket, extra: int) -> None:
+        """Count `extra` more units of work for an admitted request, or shed it. A request that is alone
+        is always let through, so an exam larger than `max_inflight` still runs on an idle service."""
+        alone = self.inflight == ticket.weight
+        if extra > 0 and self.inflight + extra > self.max_inflight and not alone:
+            raise self._overloaded()
+        ticket.weight += extra
+        self._add(extra)
+
+    def _add(self, count: int) -> None:
+        self.inflight += count
+        self.metrics.inflight.inc(count)
+
+    def _overloaded(self) -> ProblemError:
+        return ProblemError(
+            503,
+            "overloaded",
+            "the service is at capacity; retry after the delay in Retry-After",
+            headers={"Retry-After": str(self.retry_after)},
+        )
+
+
+@dataclass
+class Ticket:
+    """What one admitted request counts against `max_inflight`: 1, or an exam's photos."""
+
+    weight: int
 
 
 class AssessmentService:
@@ -113,18 +142,95 @@ class AssessmentService:
             headers={"Content-Language": language, "Vary": "Accept-Language"},
         )
 
-    def assess_and_render(self, data: bytes, *, diagnose: bool, include: set[str]) -> tuple[Assessment, dict]:
+    async def handle_exam(self, request: Request, *, language: str, include: set[str]) -> Response:
+        started = time.perf_counter()
+        settings = self.settings
+        async with self.admission.slot() as ticket:
+            upload = await read_exam(
+                request, settings.max_exam_bytes, settings.max_exam_photos, settings.upload_timeout_s
+            )
+            self.admission.grow(ticket, len(upload.photos) - 1)  # an exam counts its photos
+            # One photo after another: each gets the single-photo deadline from its turn, and an exam never
+            # holds more than one compute slot (a spare core still overlaps a photo's own stages).
+            photos = [
+                await self._exam_photo(index, data, hint, include)
+                for index, (data, hint) in enumerate(zip(upload.photos, upload.stage_hints, strict=True))
+            ]
+        refused = [p.problem for p in photos if p.problem is not None]
+        if len(refused) == len(photos):  # nothing in it could be read: the request is bad as a whole
+            first = refused[0]
+            raise ProblemError(
+                first.status, first.code, f"no photo could be assessed; photo 0: {first.detail}"
+            )
+        exam = summarise(photos, self.pipeline.rules.cin2plus)
+        for photo in photos:
+            if photo.assessment is not None:
+                self.metrics.observe_stages(photo.assessment.timings_ms)
+                reasons = (r.value for r in photo.assessment.reasons)
+                self.metrics.observe_decision(photo.assessment.decision, reasons)
+        seconds = time.perf_counter() - started
+        self.metrics.observe_exam(exam.decision, (photo_outcome(exam, p) for p in photos), seconds)
+        request.state.log_fields = {
+            "decision": exam.decision,
+            "photos": [photo_outcome(exam, p) for p in photos],
+            "reasons": [r.value for r in exam.reasons],
+        }
+        request_id = request.state.request_id
+        assessments = {
+            p.index: self.to_response(p.assessment, f"{request_id}/{p.index}", language, p.review_images)
+            for p in photos
+            if p.assessment is not None
+        }
+        body = exam_response(
+            exam,
+            assessments,
+            request_id=request_id,
+            language=language,
+            versions=self.versions,
+            contact_sheet="contact_sheet" in include,
+            seconds=seconds,
+        )
+        return Response(
+            body.model_dump_json(),
+            media_type="application/json",
+            headers={"Content-Language": language, "Vary": "Accept-Language"},
+        )
+
+    async def _exam_photo(self, index: int, data: bytes, hint: str | None, include: set[str]) -> ExamPhoto:
+        """One photo of an exam; what would be a problem response for a single photo becomes its problem."""
+        if not data:
+            return ExamPhoto(index, hint, problem=PartProblem(400, "empty_upload", "the photo is empty"))
+        if len(data) > self.settings.max_upload_bytes:
+            limit = describe_size(self.settings.max_upload_bytes)
+            detail = f"the photo is over {limit}; send a smaller photo"
+            return ExamPhoto(index, hint, problem=PartProblem(413, "upload_too_large", detail))
+        run = partial(self.assess_and_render, data, diagnose=True, include=include, stage=hint)
+        try:
+            with anyio.fail_after(self.settings.request_deadline_s):
+                assessment, images = await anyio.to_thread.run_sync(
+                    run, limiter=self.limiter, abandon_on_cancel=True
+                )
+        except UploadRejected as error:
+            return ExamPhoto(index, hint, problem=PartProblem(error.status, error.code, str(error)))
+        except TimeoutError:
+            detail = f"no answer within {self.settings.request_deadline_s:g} s; take the photo again"
+            return ExamPhoto(index, hint, problem=PartProblem(504, "deadline_exceeded", detail))
+        return ExamPhoto(index, hint, assessment=assessment, review_images=images)
+
+    def assess_and_render(
+        self, data: bytes, *, diagnose: bool, include: set[str], stage: str | None = ACETIC
+    ) -> tuple[Assessment, dict]:
         """The pipeline, then the review images asked for: all CPU work, run in a worker thread.
 
         The compute slot is held by the thread itself, so requests abandoned at their deadline still count
         against `inference_workers` until their work is really done."""
         with self.compute_slots:
-            return self._assess_and_render(data, diagnose=diagnose, include=include)
+            return self._assess_and_render(data, diagnose=diagnose, include=include, stage=stage)
 
     def _assess_and_render(
-        self, data: bytes, *, diagnose: bool, include: set[str]
+        self, data: bytes, *, diagnose: bool, include: set[str], stage: str | None
     ) -> tuple[Assessment, dict]:
-        assessment = self.pipeline.assess(data, diagnose=diagnose)
+        assessment = self.pipeline.assess(data, diagnose=diagnose, stage=stage)
         images: dict[str, str] = {}
         lesion, crop_rgb, threshold = assessment.lesion, assessment.crop_rgb, self.pipeline.rules.lesion
         if lesion is not None and crop_rgb is not None:

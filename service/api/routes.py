@@ -9,10 +9,25 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.deps import IncludeDep, LanguageDep, ServiceDep, require_api_key, require_metrics_key
-from service.io.uploads import IMAGE_FIELD
+from service.api.deps import (
+    ExamIncludeDep,
+    IncludeDep,
+    LanguageDep,
+    ServiceDep,
+    require_api_key,
+    require_metrics_key,
+)
+from service.io.uploads import IMAGE_FIELD, STAGE_HINTS, STAGES_FIELD
 from service.render.problems import PROBLEM_MEDIA_TYPE, problem_response
-from service.render.schemas import EXAMPLE_ASSESSMENT, AssessmentOut, HealthOut, ModelOut, ModelsOut
+from service.render.schemas import (
+    EXAMPLE_ASSESSMENT,
+    EXAMPLE_EXAM,
+    AssessmentOut,
+    ExamOut,
+    HealthOut,
+    ModelOut,
+    ModelsOut,
+)
 
 # Per model, the held-out figures /v1/models shows (dotted paths into the manifest's metrics).
 HEADLINE_METRICS = {
@@ -72,6 +87,26 @@ UPLOAD_BODY: dict[str, Any] = {
 }
 
 
+EXAM_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": f"one patient's photos: `{IMAGE_FIELD}` repeated (at most CERVIGATE_MAX_EXAM_PHOTOS), "
+        f"and optionally `{STAGES_FIELD}`: the stage each photo shows, in order, comma-separated "
+        f"({', '.join(STAGE_HINTS)} or auto), e.g. `saline,acetic,acetic,iodine`",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [IMAGE_FIELD],
+                    "properties": {
+                        IMAGE_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        STAGES_FIELD: {"type": "string", "example": "saline,acetic,acetic,iodine"},
+                    },
+                }
+            }
+        },
+    }
+}
 UPLOAD_PROBLEMS = (400, 401, 403, 408, 413, 415, 422, 503, 504)
 
 
@@ -122,6 +157,20 @@ async def assess(
 )
 async def quality(request: Request, service: ServiceDep, language: LanguageDep) -> Response:
     return await service.handle(request, diagnose=False, language=language, include=set())
+
+
+@api.post(
+    "/v1/exams",
+    summary="A patient's exam: every photo assessed, what to retake, the photo to review, one P(CIN2+)",
+    response_model=ExamOut,
+    responses=_problems(400, 401, 403, 408, 413, 415, 422, 503)
+    | {200: {"content": {"application/json": {"example": EXAMPLE_EXAM}}}},
+    openapi_extra=EXAM_BODY,
+)
+async def exams(
+    request: Request, service: ServiceDep, language: LanguageDep, include: ExamIncludeDep
+) -> Response:
+    return await service.handle_exam(request, language=language, include=include)
 
 
 @api.get(

@@ -15,6 +15,7 @@ from service.settings import Settings
 if TYPE_CHECKING:
     from service.pipeline.stages import Box, Quality
 
+ACETIC = "acetic"  # the stage a diagnosis needs: acetowhitening shows only after acetic acid
 _EDGE_TOLERANCE = 0.02  # a box within 2 % of the frame's size from an edge touches it
 
 
@@ -99,7 +100,8 @@ def _cut_off(low: float, high: float, size: int, rules: Rules) -> bool:
     return touches_low != touches_high and (high - low) < rules.cut_off_max_extent * size
 
 
-def quality_reasons(quality: Quality, rules: Rules) -> set[Reason]:
+def quality_reasons(quality: Quality, rules: Rules, *, expect_acetic: bool = True) -> set[Reason]:
+    """Recapture reasons from the crop's quality; `not_acetic` only where acetic acid is expected."""
     reasons = set()
     if quality.exposure == "dark":
         reasons.add(Reason.TOO_DARK)
@@ -109,6 +111,12 @@ def quality_reasons(quality: Quality, rules: Rules) -> set[Reason]:
         reasons.add(Reason.GLARE)
     if quality.not_sharp:
         reasons.add(Reason.MOTION_BLUR if quality.blur_kind == "motion" else Reason.OUT_OF_FOCUS)
-    if quality.p_acetic < rules.not_acetic:
+    if expect_acetic and quality.p_acetic < rules.not_acetic:
         reasons.add(Reason.NOT_ACETIC)
     return reasons
+
+
+def shown_stage(quality: Quality, rules: Rules) -> str:
+    """The stage the quality model sees: acetic acid unless it would flag `not_acetic`, else the likeliest
+    other stage. The same threshold as the single-photo rule, so the two never disagree."""
+    return ACETIC if quality.p_acetic >= rules.not_acetic else quality.likeliest_other_stage

@@ -20,7 +20,7 @@ from service.inference.preprocess import crop_box, fit, normalize, prepare
 from service.inference.runtime import ModelConfigurationError, ModelSet
 from service.io.decoding import DecodedImage, DecodeLimits, decode_upload
 from service.pipeline import measures
-from service.pipeline.rules import Rules, framing_reasons, quality_reasons
+from service.pipeline.rules import ACETIC, Rules, framing_reasons, quality_reasons, shown_stage
 from service.pipeline.spare import NO_SPARE_CORES, SpareCores
 from service.pipeline.voting import variant_batch, voting_variants, weighted_vote
 from service.render.reasons import Reason, ordered
@@ -48,8 +48,9 @@ class Quality:
     exposure: str  # ok | dark | over
     luma: float
     glare_fraction: float
-    exam_stage: str
+    exam_stage: str  # the likeliest stage
     p_acetic: float
+    likeliest_other_stage: str  # the likeliest stage other than acetic acid
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class Assessment:
     region: Region | None = None
     crop_rgb: np.ndarray | None = field(default=None, repr=False)
     quality: Quality | None = None
+    stage: str | None = None  # the stage the photo was judged as (asked for, or the quality model's)
     lesion: Lesion | None = None
     diagnosis: Diagnosis | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -104,10 +106,14 @@ class Pipeline:
 
     # --- the composition -------------------------------------------------------------------------
 
-    def assess(self, data: bytes, *, diagnose: bool) -> Assessment:
+    def assess(self, data: bytes, *, diagnose: bool, stage: str | None = ACETIC) -> Assessment:
         """The whole chain for one upload; stops at the first stage that asks for a recapture.
 
         `diagnose=False` is the preview gate: detect, crop and quality checks only.
+        `stage` is the exam stage the photo should show. Acetic acid (the single-photo endpoints): a photo
+        that does not look it is retaken (`not_acetic`). Another stage (an exam's saline, iodine or
+        green-filter view): framing and quality are checked, and it is never diagnosed. None (an exam photo
+        sent without a hint): the quality model's stage decides which of the two it is.
         Raises `service.io.decoding.UploadRejected` for uploads that are not a usable image.
         """
         timings: dict[str, float] = {}
@@ -130,12 +136,14 @@ class Pipeline:
         # Segmentation does not depend on the quality verdict: on an idle core it runs alongside the quality
         # model, and a recapture simply drops its result. A framing problem already means recapture.
         early_segment = None
-        if diagnose and not result.reasons:
+        if diagnose and not result.reasons and stage in (ACETIC, None):
             early_segment = self.spare.try_submit(lambda: _timed_call(self.segment, crop_rgb))
         with _timed(timings, "quality"):
             result.quality = self.check_quality(crop_rgb)
-        result.reasons = ordered(set(result.reasons) | quality_reasons(result.quality, self.rules))
-        if result.reasons or not diagnose:
+        result.stage = stage or shown_stage(result.quality, self.rules)
+        found = quality_reasons(result.quality, self.rules, expect_acetic=stage == ACETIC)
+        result.reasons = ordered(set(result.reasons) | found)
+        if result.reasons or not diagnose or result.stage != ACETIC:
             return _finish(result, started)
         if early_segment is not None:
             result.lesion, timings["segment"] = early_segment.result()
@@ -244,6 +252,7 @@ def check_quality(model: RunsModel, crop_rgb: np.ndarray, rules: Rules) -> Quali
     outputs = model.run(tensor)
     sharpness = float(_sigmoid(outputs["sharp_logit"][0, 0]))
     stage_p = _softmax(outputs["stage_logits"][0])
+    acetic = rules.stage_labels.index(ACETIC)
     tissue = measures.measure_tissue(crop_rgb, rules.exposure)
     return Quality(
         sharpness=sharpness,
@@ -253,8 +262,16 @@ def check_quality(model: RunsModel, crop_rgb: np.ndarray, rules: Rules) -> Quali
         luma=tissue.luma,
         glare_fraction=tissue.glare_fraction,
         exam_stage=rules.stage_labels[int(np.argmax(stage_p))],
-        p_acetic=float(stage_p[rules.stage_labels.index("acetic")]),
+        p_acetic=float(stage_p[acetic]),
+        likeliest_other_stage=rules.stage_labels[int(np.argmax(_without(stage_p, acetic)))],
     )
+
+
+def _without(probabilities: np.ndarray, index: int) -> np.ndarray:
+    """The probabilities with one class ruled out, for an argmax over the others."""
+    others = probabilities.copy()
+    others[index] = -1.0
+    return others
 
 
 @contextmanager

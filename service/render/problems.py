@@ -37,6 +37,8 @@ TITLES = {
     "upload_timeout": "The upload took too long",
     "deadline_exceeded": "No answer within the deadline",
     "client_disconnected": "The client disconnected",
+    "too_many_photos": "Too many photos in the exam",
+    "invalid_stages": "The stage hints do not fit the photos",
 }
 
 

@@ -8,6 +8,8 @@ from pydantic import BaseModel, Field
 
 from service.render.reasons import Reason
 
+StageName = Literal["acetic", "saline", "iodine", "green"]
+
 
 class ReasonOut(BaseModel):
     code: Reason = Field(description="stable machine-readable reason; see README for the vocabulary")
@@ -29,7 +31,7 @@ class QualityOut(BaseModel):
     )
     exposure: Literal["ok", "dark", "over"]
     glare_fraction: float = Field(ge=0, le=1, description="clipped-white share of the central tissue")
-    exam_stage: Literal["acetic", "saline", "iodine", "green"]
+    exam_stage: StageName = Field(description="the quality model's likeliest exam stage")
 
 
 class LesionOut(BaseModel):
@@ -68,6 +70,66 @@ class AssessmentOut(BaseModel):
     diagnosis: DiagnosisOut | None
     models: dict[str, str] = Field(description="model name -> version used")
     timings_ms: dict[str, float] = Field(description="per stage and total, server side")
+
+
+class PartProblemOut(BaseModel):
+    """Why one photo of an exam was not assessed: the problem+json fields a single-photo request would get."""
+
+    status: int
+    code: str = Field(description="stable problem code, as in the single-photo endpoints")
+    title: str
+    detail: str
+
+
+class ExamPhotoOut(BaseModel):
+    index: int = Field(ge=0, description="position of the photo in the request, from 0")
+    stage: StageName | None = Field(
+        description="the stage the photo was judged as; null when it was not assessed"
+    )
+    stage_source: Literal["hint", "model"] = Field(
+        description="hint: the stage sent in `stages`; model: the quality model's"
+    )
+    assessment: AssessmentOut | None = Field(description="the single-photo assessment; null on a problem")
+    problem: PartProblemOut | None = Field(description="why this photo was not assessed")
+
+
+class RetakeOut(BaseModel):
+    index: int = Field(ge=0)
+    reasons: list[ReasonOut] = Field(description="the photo's recapture reasons; empty when it had a problem")
+    problem: str | None = Field(description="the photo's problem code, when it could not be assessed")
+    advice: str = Field(description="one sentence for the health worker")
+
+
+class ExamDiagnosisOut(BaseModel):
+    label: Literal["cin2plus", "negative_or_cin1"]
+    probability: float = Field(ge=0, le=1, description="the exam's P(CIN2+), made as `method` says")
+    referral: bool = Field(description="probability at or above the severity model's referral threshold")
+    method: str = Field(description="how the photos' probabilities were combined (README: Exams)")
+    photos_used: list[int] = Field(description="indices of the photos the probability comes from")
+
+
+class ExamOut(BaseModel):
+    id: str = Field(description="request id; photo i's assessment has id `<id>/<i>`")
+    decision: Literal["recapture", "diagnosis"] = Field(
+        description="diagnosis: at least one usable acetic-acid photo; recapture: retake what `retake` lists"
+    )
+    reasons: list[ReasonOut] = Field(
+        description="the exam's own reasons: not_acetic when no photo shows the acetic-acid stage"
+    )
+    advice: str | None = Field(description="one sentence for the health worker: what to do next")
+    photos: list[ExamPhotoOut] = Field(description="one per photo, in request order")
+    retake: list[RetakeOut] = Field(description="photos to take again, and why")
+    review_index: int | None = Field(
+        description="the photo to show a clinician: the sharpest one the diagnosis used (else the sharpest "
+        "usable one)"
+    )
+    diagnosis: ExamDiagnosisOut | None
+    contact_sheet_jpeg: str | None = Field(
+        default=None,
+        description="base64 JPEG: every photo's cervix crop framed by its verdict (include=contact_sheet)",
+    )
+    models: dict[str, str] = Field(description="model name -> version used")
+    timings_ms: dict[str, float] = Field(description="server side, whole exam")
 
 
 class ModelOut(BaseModel):
@@ -120,3 +182,29 @@ EXAMPLE_ASSESSMENT = {
     "models": {"detector": "1.0.0", "quality": "1.1.1", "segmenter": "1.0.0", "severity": "1.0.0"},
     "timings_ms": {"decode": 3.1, "detect": 2.6, "quality": 6.0, "total": 12.2},
 }
+
+EXAMPLE_EXAM = {
+    "id": "5f0c6a4e-1c1e-4d0b-9a55-2f3f1e0b7c11",
+    "decision": "diagnosis",
+    "reasons": [],
+    "advice": None,
+    "photos": [
+        {"index": 0, "stage": "saline", "stage_source": "hint", "assessment": {"...": "as /v1/assess"},
+         "problem": None},
+        {"index": 1, "stage": "acetic", "stage_source": "hint", "assessment": {"...": "as /v1/assess"},
+         "problem": None},
+        {"index": 2, "stage": "acetic", "stage_source": "hint", "assessment": {"...": "as /v1/assess"},
+         "problem": None},
+    ],
+    "retake": [
+        {"index": 2, "reasons": [{"code": "motion_blur", "message": "The photo is blurred by movement."}],
+         "problem": None,
+         "advice": "Hold the phone still with both hands or rest it on a support, and take the photo again."},
+    ],
+    "review_index": 1,
+    "diagnosis": {"label": "negative_or_cin1", "probability": 0.12, "referral": False,
+                  "method": "mean_over_usable_acetic_photos", "photos_used": [1]},
+    "contact_sheet_jpeg": None,
+    "models": {"detector": "2.0.0", "quality": "3.1.0", "segmenter": "1.0.0", "severity": "1.0.0"},
+    "timings_ms": {"total": 240.5},
+}  # fmt: skip

@@ -1,0 +1,94 @@
+"""A patient's exam: several photos of one cervix (saline, acetic acid, iodine, green filter) judged together.
+
+Each photo goes through the single-photo pipeline, told which stage it should show (the client's hint, or
+the quality model's stage when there is none). The exam then says which photos to retake, which photo a
+clinician should review, and gives one CIN2+ probability over its usable acetic-acid photos: the seed
+papers vote over views, and it is a patient, not a photo, who is referred.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from service.pipeline.rules import ACETIC
+from service.pipeline.stages import Assessment
+from service.render.reasons import Reason
+
+# How the exam's CIN2+ probability is made. The response names it, so a client can tell when it changes.
+EXAM_METHOD = "mean_over_usable_acetic_photos"
+
+
+@dataclass(frozen=True)
+class PartProblem:
+    """Why one photo of an exam could not be assessed; it becomes that photo's problem in the answer."""
+
+    status: int
+    code: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class ExamPhoto:
+    """One photo of the exam: its assessment (and review images), or the problem that stopped it."""
+
+    index: int  # position in the request, from 0
+    stage_hint: str | None  # the stage the client said it shows; None: the quality model decides
+    assessment: Assessment | None = None
+    review_images: dict[str, str] = field(default_factory=dict)
+    problem: PartProblem | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.assessment is not None and not self.assessment.reasons
+
+    @property
+    def probability(self) -> float | None:
+        """This photo's P(CIN2+), when it was diagnosed."""
+        diagnosis = self.assessment.diagnosis if self.assessment else None
+        return diagnosis.probability if diagnosis else None
+
+    @property
+    def sharpness(self) -> float:
+        quality = self.assessment.quality if self.assessment else None
+        return quality.sharpness if quality else 0.0
+
+
+@dataclass(frozen=True)
+class ExamDiagnosis:
+    probability: float
+    referral: bool
+    photos_used: list[int]
+    method: str = EXAM_METHOD
+
+    @property
+    def label(self) -> Literal["cin2plus", "negative_or_cin1"]:
+        return "cin2plus" if self.referral else "negative_or_cin1"
+
+
+@dataclass
+class Exam:
+    photos: list[ExamPhoto]
+    retake: list[int] = field(default_factory=list)  # indices of photos to take again
+    review: int | None = None  # index of the photo to show a clinician
+    diagnosis: ExamDiagnosis | None = None
+    reasons: list[Reason] = field(default_factory=list)  # the exam's own: no photo after acetic acid
+
+    @property
+    def decision(self) -> Literal["recapture", "diagnosis"]:
+        return "diagnosis" if self.diagnosis is not None else "recapture"
+
+
+def summarise(photos: list[ExamPhoto], cin2plus_threshold: float) -> Exam:
+    """Retakes, the review photo and the exam's CIN2+ probability, from the photos' own verdicts."""
+    exam = Exam(photos=photos, retake=[p.index for p in photos if not p.usable])
+    votes = {p.index: vote for p in photos if p.usable and (vote := p.probability) is not None}
+    if votes:
+        probability = sum(votes.values()) / len(votes)
+        exam.diagnosis = ExamDiagnosis(probability, probability >= cin2plus_threshold, sorted(votes))
+    elif not any(p.assessment is not None and p.assessment.stage == ACETIC for p in photos):
+        # No retake of these photos would help: none shows the acetic-acid stage a diagnosis needs.
+        exam.reasons = [Reason.NOT_ACETIC]
+    candidates = [p for p in photos if p.index in votes] or [p for p in photos if p.usable]
+    exam.review = max(candidates, key=lambda p: p.sharpness).index if candidates else None
+    return exam
