@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import get_args
 
 import anyio
 from fastapi import Request
@@ -17,10 +18,11 @@ from python_multipart.multipart import Field, File, FormParser, parse_options_he
 from starlette.requests import ClientDisconnect
 
 from service.render.problems import ProblemError
+from service.render.schemas import StageName
 
 IMAGE_FIELD = "image"
 STAGES_FIELD = "stages"
-STAGE_HINTS = ("acetic", "saline", "iodine", "green")
+STAGE_HINTS: tuple[str, ...] = get_args(StageName)
 AUTO_STAGE = "auto"
 MAX_PARTS = 16  # a photo upload has one or two parts; thousands of tiny ones are an attack on the parser
 _RAW_TYPES = ("application/octet-stream",)
