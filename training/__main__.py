@@ -7,7 +7,7 @@ import importlib
 import shlex
 import sys
 
-TASKS = ("detector", "quality", "segmenter", "severity", "severity_case")
+TASKS = ("detector", "quality", "segmenter", "severity")
 STEPS = ("train", "evaluate", "export")
 # train: fit on every CV fold and on all data, save checkpoint + held-out predictions + metrics.json;
 # evaluate: the report (JSON, Markdown, PNGs) from those; export: ONNX + manifest + model card.

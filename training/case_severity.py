@@ -29,12 +29,16 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from torch.nn import functional as F
 
+from service.pipeline.case_risk import (
+    CASE_FEATURES,
+    MEASURED_STAGES,
+    case_features,
+    stage_means,
+)
 from training import metrics
 
-ACETIC, SALINE, IODINE = "acetic", "saline", "iodine"
-# Per-photo measures (columns of `photo_measures`) and the per-case features built from them.
-PHOTO_MEASURES = ("whiteness", "acetowhite_area", "acetowhite_density", "margin_sharpness", "iodine_yellow")
-CASE_MEASURES = ("acetowhite_area", "acetowhite_density", "whitening", "iodine_yellow", "margin_sharpness")
+# The served definitions: per-photo measures (the ONNX outputs, in order) and the case features made of them.
+CASE_MEASURES = CASE_FEATURES
 LESION_LEVEL = 0.5  # lesion-map probability that counts as acetowhite
 
 
@@ -180,25 +184,15 @@ def pool_stage(
 
 
 def measured_case_features(table: np.ndarray, photos: PhotoTable, cases: Sequence[str]) -> np.ndarray:
-    """Photos x `PHOTO_MEASURES` -> cases x `CASE_MEASURES`; nan where a stage is missing (imputed inside
-    each fit: `logistic`).
-
-    Whitening is acetic-acid whiteness minus saline whiteness of the same case (speculum-only views count as
-    saline, as the atlas adapter labels them): what acetic acid changed, not how white this cervix is."""
-    column = {name: i for i, name in enumerate(PHOTO_MEASURES)}
-    acetic, _ = pool_stage(table, photos, cases, ACETIC)
-    saline, _ = pool_stage(table, photos, cases, SALINE)
-    iodine, _ = pool_stage(table, photos, cases, IODINE)
-    return np.stack(
-        [
-            acetic[:, column["acetowhite_area"]],
-            acetic[:, column["acetowhite_density"]],
-            acetic[:, column["whiteness"]] - saline[:, column["whiteness"]],
-            iodine[:, column["iodine_yellow"]],
-            acetic[:, column["margin_sharpness"]],
-        ],
-        axis=1,
-    )
+    """Photos x `PHOTO_MEASURES` -> cases x `CASE_FEATURES` with the service's own pooling and features
+    (`service.pipeline.case_risk`); nan where a stage is missing, imputed inside each fit (`logistic`)."""
+    rows = []
+    for case in cases:
+        by_stage = {
+            stage: list(table[(photos.case == case) & (photos.stage == stage)]) for stage in MEASURED_STAGES
+        }
+        rows.append(case_features(stage_means(by_stage)))
+    return np.array(rows)
 
 
 # --- models and nested CV over cases ---------------------------------------------------------------------
@@ -254,6 +248,7 @@ def choose(
 ) -> tuple[Choice, np.ndarray]:
     """The (feature set, C) with the best inner out-of-fold ROC-AUC, and its inner predictions (for the
     threshold). Ties go to the smaller C (stronger regularisation) and the earlier feature set (simpler)."""
+    folds = max(2, min(folds, int(min(y.sum(), len(y) - y.sum()))))  # every inner fold holds both classes
     best: tuple[Choice, np.ndarray] | None = None
     for name, x in candidates.items():
         for c in sorted(cs):
