@@ -103,10 +103,14 @@ def _mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask.float()).sum(dim=(1, 2)) / _count(mask).clamp(min=1.0)
 
 
+# x and y Sobel kernels, made once: a module constant, so tracing for export sees a fixed weight.
+_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+_SOBEL = torch.stack([_SOBEL_X, _SOBEL_X.T])[:, None]
+
+
 def _sobel_magnitude(image: torch.Tensor) -> torch.Tensor:
     """|Sobel gradient| of an NxHxW image, edges reflected (a crop's border is not an edge)."""
-    kernel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-    kernels = torch.stack([kernel, kernel.T])[:, None]
+    kernels = _SOBEL.to(image.dtype)
     padded = F.pad(image[:, None], (1, 1, 1, 1), mode="reflect")
     gx, gy = F.conv2d(padded, kernels).unbind(dim=1)
     return torch.sqrt(gx * gx + gy * gy)
