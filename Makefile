@@ -43,8 +43,9 @@ test-fast: $(DEV_STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 # Train, evaluate and export the four models into models/, each with a copy of its evaluation report
-# (runs/ keeps checkpoints and held-out predictions). The segmenter goes first: the severity model's 4th channel is the exported segmenter's output.
-MODEL_TASKS := segmenter severity detector quality
+# (runs/ keeps checkpoints and held-out predictions). The segmenter and the detector go first: severity measures
+# every photo on the exported segmenter's lesion map, cropped by the detector run's fold models (runs/detector).
+MODEL_TASKS := segmenter detector severity quality
 RUNS := runs
 models: $(DEV_STAMP)
 	@set -e; for task in $(MODEL_TASKS); do \

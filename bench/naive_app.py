@@ -19,13 +19,16 @@ from fastapi import FastAPI, UploadFile
 from PIL import Image
 from torchvision.transforms.functional import normalize, to_tensor
 
+from service.inference.manifest import read_manifest
+from service.pipeline.case_risk import CaseModel
 from training import presets
-from training.models import LesionSegmenter, SeverityNet
+from training.case_severity import SwedeMeasures
+from training.models import LesionSegmenter
 from training.tasks.detector import PretrainedDetector
 from training.tasks.quality import QualityModel
 
 RUNS = Path("runs")
-VOTING_WEIGHTS = (0.2, 0.25, 0.15, 0.2, 0.11, 0.09)
+CASE_MODEL = CaseModel.from_extra(read_manifest(Path("models/severity"), verify=False).extra)
 
 
 def load(task: str, model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
@@ -40,7 +43,7 @@ MODELS = {
     "detector": load("detector", PretrainedDetector()),
     "quality": load("quality", QualityModel()),
     "segmenter": load("segmenter", LesionSegmenter()),
-    "severity": load("severity", SeverityNet()),
+    "severity": (SwedeMeasures().eval(), True),  # nothing to train: fixed measures
 }
 app = FastAPI()
 
@@ -75,20 +78,10 @@ def assess(image: UploadFile) -> dict[str, float]:
     quality = MODELS["quality"][0](tensor(crop, "quality"))
     rgb = tensor(crop, "segmenter")
     lesion = torch.sigmoid(MODELS["segmenter"][0](rgb)["lesion_logits"])
-    lesion_channel = (lesion - 0.5) / 0.25
-    lesion_only = rgb * lesion
-    variants = torch.cat(
-        [
-            torch.cat([rgb, lesion_channel], 1),
-            torch.cat([lesion_only, lesion_channel], 1),
-            torch.cat([rgb, lesion_channel], 1).flip(3),
-            torch.cat([lesion_only, lesion_channel], 1).flip(3),
-            torch.cat([rgb * 1.2, lesion_channel], 1),
-            torch.cat([rgb * 0.8, lesion_channel], 1),
-        ]
-    )
-    probabilities = torch.sigmoid(MODELS["severity"][0](variants)["cin2plus_logit"][:, 0])
-    vote = float((probabilities * torch.tensor(VOTING_WEIGHTS)).sum() / sum(VOTING_WEIGHTS))
+    spec = presets.INPUT_SPECS["segmenter"]
+    plain = to_tensor(crop.resize((spec.width, spec.height)))[None]  # 0..1, as the measures read it
+    measures = MODELS["severity"][0](torch.cat([plain, lesion], 1))["measures"][0].numpy()
+    vote = CASE_MODEL.probability({"acetic": [measures]})
     return {
         "cervix": float(torch.sigmoid(detection["cervix_logit"][0, 0])),
         "sharp": float(torch.sigmoid(quality["sharp_logit"][0, 0])),

@@ -30,7 +30,6 @@ from PIL import Image
 
 from service.inference.preprocess import crop, crop_box, fit, normalize, prepare
 from service.inference.runtime import load_models
-from service.pipeline.voting import voting_variants
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,13 +225,12 @@ class Floor:
         self.draft_side[payload] = max(self.decode_side, math.ceil(min(rgb.shape[:2]) * needed))
         segmenter_input, _ = fit(cropped, self.models.segmenter.manifest.input)
         lesion = np.full(segmenter_input.shape[:2], 128, np.uint8)
-        variants = voting_variants(segmenter_input, lesion)
         spec = self.models.severity.manifest.input
         return [
             prepare(rgb, self.models.detector.manifest.input)[0],
             prepare(cropped, self.models.quality.manifest.input)[0],
             normalize(segmenter_input, self.models.segmenter.manifest.input),
-            np.concatenate([normalize(np.dstack(v), spec) for v in variants.values()]),
+            normalize(np.dstack([segmenter_input, lesion]), spec),  # one photo's measures
         ]
 
     def once(self, payload: bytes, stages: int = 4) -> float:
@@ -495,8 +493,8 @@ def write_outputs(out: Path, summary: dict[str, object], cells: dict[tuple[str, 
         "/v1/quality on one keep-alive connection over all rounds; its floor is decode + detector + quality "
         "model on prepared tensors, as many calls, in the same rounds.",
         "",
-        f"Stage p50 (ms, server side): {stages}. With a core idle, quality and segment run side by side "
-        "and the voting batch is split over two cores, so stages can add up to more than the total. The "
+        f"Stage p50 (ms, server side): {stages}. With a core idle, quality and segment run side by side, "
+        "so stages can add up to more than the total. The "
         "floor runs its models one after another on one thread.",
         "",
         "| workload | system | concurrency | p50 ms | p99 ms | req/s |",

@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     overlap_stages: bool = Field(
         default=True,
         description="when a compute slot is idle, run one request's independent stages on it in parallel "
-        "(quality model with segmenter, two halves of the voting batch); never borrows a busy slot",
+        "(the quality model with the segmenter); never borrows a busy slot",
     )
     max_inflight: int = Field(
         default=32, ge=1, description="requests admitted (processing + queued); more are shed with 503"

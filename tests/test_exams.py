@@ -15,6 +15,7 @@ from PIL import Image
 
 from service.api.handling import Admission
 from service.app import create_app
+from service.pipeline.exams import EXAM_METHOD
 from service.render.problems import ProblemError
 from service.render.reasons import ADVICE, Reason
 from service.render.review import outline
@@ -80,11 +81,12 @@ def test_a_full_case_is_assessed_photo_by_photo_and_as_one_exam(client: TestClie
     assert acetic["decision"] == "diagnosis"  # the same photo /v1/assess diagnoses (test_service_api)
     assert body["decision"] == "diagnosis" and body["advice"] is None
     diagnosis = body["diagnosis"]
-    assert diagnosis["method"] == "mean_over_usable_acetic_photos"
-    assert 2 in diagnosis["photos_used"] and 1 not in diagnosis["photos_used"]
-    used = [body["photos"][i]["assessment"]["diagnosis"]["probability"] for i in diagnosis["photos_used"]]
-    assert diagnosis["probability"] == pytest.approx(np.mean(used), abs=1e-4)
-    assert body["review_index"] in diagnosis["photos_used"]
+    assert diagnosis["method"] == EXAM_METHOD
+    # The saline photo counts now: the case model reads its whiteness (whitening = acetic - saline).
+    assert {1, 2} <= set(diagnosis["photos_used"])
+    alone = body["photos"][2]["assessment"]["diagnosis"]["probability"]
+    assert 0.0 <= diagnosis["probability"] <= 1.0 and diagnosis["probability"] != pytest.approx(alone)
+    assert body["review_index"] == 2  # the photo to review is an acetic-acid one the diagnosis used
     retaken = {r["index"] for r in body["retake"]}
     assert retaken == {p["index"] for p in body["photos"] if p["assessment"]["decision"] == "recapture"}
 
@@ -97,9 +99,10 @@ def test_a_blurred_photo_is_retaken_and_left_out_of_the_exam_probability(
     retake = {r["index"]: r for r in body["retake"]}
     assert 2 in retake and retake[2]["reasons"][0]["code"] in ("motion_blur", "out_of_focus")
     assert retake[2]["advice"] == ADVICE["en"][Reason(retake[2]["reasons"][0]["code"])]
-    assert body["diagnosis"]["photos_used"] == [1]
-    single = body["photos"][1]["assessment"]["diagnosis"]["probability"]
-    assert body["diagnosis"]["probability"] == pytest.approx(single, abs=1e-4)
+    assert body["diagnosis"]["photos_used"] == [0, 1]
+    # The retaken photo leaves no trace: the same exam without it gives the same probability.
+    without = _ok(_exam(client, [case_aaan["saline"], case_aaan["acetic"]], "saline,acetic"))
+    assert body["diagnosis"]["probability"] == pytest.approx(without["diagnosis"]["probability"], abs=1e-6)
     assert body["review_index"] == 1
 
 

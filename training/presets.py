@@ -30,9 +30,10 @@ INPUT_SPECS: dict[str, InputSpec] = {
                          mean=LITE_MEAN, std=LITE_STD),
     "segmenter": InputSpec(name="crop", width=224, height=224, channels=_RGB, resize="letterbox",
                            mean=_MEAN, std=_STD),
-    # Same size and letterbox as the segmenter: its probability map is the 4th channel as is.
+    # Same size and letterbox as the segmenter: its probability map is the 4th channel as is. The severity
+    # model measures colours and areas (training.case_severity.SwedeMeasures), so every channel is kept 0..1.
     "severity": InputSpec(name="crop", width=224, height=224, channels=(*_RGB, "lesion_probability"),
-                          resize="letterbox", mean=(*_MEAN, 0.5), std=(*_STD, 0.25)),
+                          resize="letterbox", mean=(0.0,) * 4, std=(1.0,) * 4),
 }  # fmt: skip
 # Crop-level models see the detector box grown by this fraction per side
 # (service.inference.preprocess.crop_box).

@@ -107,7 +107,9 @@ class AssessmentService:
             buffer = io.BytesIO()
             Image.fromarray(photo).save(buffer, "JPEG")
             self.pipeline.assess(buffer.getvalue(), diagnose=True)
-        self.pipeline.classify(self.pipeline.segment(photo))
+        lesion = self.pipeline.segment(photo)
+        self.pipeline.classify(self.pipeline.measure(lesion.fitted_rgb, lesion.lesion_channel))
+        self.pipeline.measure_unstained(photo)
 
     async def handle(self, request: Request, *, diagnose: bool, language: str, include: set[str]) -> Response:
         async with self.admission.slot():
@@ -162,7 +164,7 @@ class AssessmentService:
             raise ProblemError(
                 first.status, first.code, f"no photo could be assessed; photo 0: {first.detail}"
             )
-        exam = summarise(photos, self.pipeline.rules.cin2plus)
+        exam = summarise(photos, self.pipeline.case_model, self.pipeline.rules.cin2plus)
         for photo in photos:
             if photo.assessment is not None:
                 self.metrics.observe_stages(photo.assessment.timings_ms)

@@ -56,12 +56,13 @@ HEADLINE_METRICS = {
         "synthetic_test_pixel_roc_auc",
     ),
     "severity": (
-        "real_split",
-        "voting_real_pooled.roc_auc",
-        "voting_real_pooled_roc_auc_ci.low",
-        "voting_real_pooled_roc_auc_ci.high",
-        "voting_real_pooled.sensitivity",
-        "voting_real_pooled.specificity",
+        "shipped.model",
+        "measured.roc_auc_pooled",
+        "measured.roc_auc_ci.low",
+        "measured.roc_auc_ci.high",
+        "measured.sensitivity",
+        "measured.specificity",
+        "deep.roc_auc_pooled",
     ),
 }
 _IMAGE_BODY: dict[str, Any] = {"schema": {"type": "string", "format": "binary"}}

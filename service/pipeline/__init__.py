@@ -1,3 +1,3 @@
 """The assessment: the stages (decode -> detect -> crop -> quality -> segment -> classify), the decision
-rules, the pixel measures, test-time voting and spare cores for overlapping stages.
+rules, the pixel measures, the case model and spare cores for overlapping stages.
 """

@@ -2,8 +2,9 @@
 
 Each photo goes through the single-photo pipeline, told which stage it should show (the client's hint, or
 the quality model's stage when there is none). The exam then says which photos to retake, which photo a
-clinician should review, and gives one CIN2+ probability over its usable acetic-acid photos: the seed
-papers vote over views, and it is a patient, not a photo, who is referred.
+clinician should review, and gives one CIN2+ probability for the patient: the case model
+(`service.pipeline.case_risk`) on the per-stage means of its usable acetic-acid, saline and iodine photos'
+measures, as it was fitted on atlas cases. It is a patient, not a photo, who is referred.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
+from service.pipeline.case_risk import MEASURED_STAGES, METHOD, CaseModel
 from service.pipeline.rules import ACETIC
 from service.pipeline.stages import Assessment
 from service.render.reasons import Reason
 
 # How the exam's CIN2+ probability is made. The response names it, so a client can tell when it changes.
-EXAM_METHOD = "mean_over_usable_acetic_photos"
+EXAM_METHOD = METHOD
 
 
 @dataclass(frozen=True)
@@ -79,13 +83,28 @@ class Exam:
         return "diagnosis" if self.diagnosis is not None else "recapture"
 
 
-def summarise(photos: list[ExamPhoto], cin2plus_threshold: float) -> Exam:
+def measured_by_stage(photos: list[ExamPhoto]) -> dict[str, dict[int, np.ndarray]]:
+    """Stage -> {photo index: measures} of the usable photos the case model reads (acetic acid only when
+    diagnosed); a retaken photo never counts."""
+    found: dict[str, dict[int, np.ndarray]] = {stage: {} for stage in MEASURED_STAGES}
+    for p in photos:
+        a = p.assessment
+        if not (p.usable and a is not None and a.measures is not None and a.stage in found):
+            continue
+        if a.stage != ACETIC or a.diagnosis is not None:
+            found[a.stage][p.index] = a.measures
+    return found
+
+
+def summarise(photos: list[ExamPhoto], case_model: CaseModel, cin2plus_threshold: float) -> Exam:
     """Retakes, the review photo and the exam's CIN2+ probability, from the photos' own verdicts."""
     exam = Exam(photos=photos, retake=[p.index for p in photos if not p.usable])
-    votes = {p.index: vote for p in photos if p.usable and (vote := p.probability) is not None}
+    measured = measured_by_stage(photos)
+    votes = measured[ACETIC]  # a diagnosis needs at least one usable acetic-acid photo
     if votes:
-        probability = sum(votes.values()) / len(votes)
-        exam.diagnosis = ExamDiagnosis(probability, probability >= cin2plus_threshold, sorted(votes))
+        probability = case_model.probability({s: list(m.values()) for s, m in measured.items()})
+        used = sorted(i for m in measured.values() for i in m)
+        exam.diagnosis = ExamDiagnosis(probability, probability >= cin2plus_threshold, used)
     elif not any(p.assessment is not None and p.assessment.stage == ACETIC for p in photos):
         # No retake of these photos would help: none shows the acetic-acid stage a diagnosis needs.
         exam.reasons = [Reason.NOT_ACETIC]

@@ -1,7 +1,7 @@
 """Lending an idle compute slot to the request that is running, so one request can use two cores.
 
 At low load most cores sit idle while a single request runs its models one after another. Stages that do
-not depend on each other (the quality model and the segmenter; two halves of the voting batch) can then run
+not depend on each other (the quality model and the segmenter) can then run
 side by side. A side task only runs on a slot nobody holds, and only while fewer requests are admitted than
 there are slots: under load every admitted request will want a slot soon, so nothing is borrowed and each
 request keeps to one core. Overlap buys latency at low load and stays out of the way at high load.

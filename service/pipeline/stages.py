@@ -1,5 +1,9 @@
 """The assessment pipeline: decode -> detect -> crop -> quality checks -> segment -> classify.
 
+`classify` measures the acetic-acid photo (the severity ONNX model: Swede-style measures) and scores it as a
+one-photo exam with the case model (`service.pipeline.case_risk`); an exam's saline and iodine photos are
+measured too (`measure_unstained`), so `service.pipeline.exams` can score the patient from all of them.
+
 Each stage is a method with a named, typed output; `Pipeline.assess` is the one place they are composed
 and the one place that decides "recapture" or "diagnosis". Every stage reads its preprocessing and
 thresholds from its model's manifest, so the service does exactly what was measured.
@@ -20,16 +24,15 @@ from service.inference.preprocess import crop_box, fit, normalize, prepare
 from service.inference.runtime import ModelConfigurationError, ModelSet
 from service.io.decoding import DecodedImage, DecodeLimits, decode_upload
 from service.pipeline import measures
+from service.pipeline.case_risk import IODINE, SALINE, CaseModel
 from service.pipeline.rules import ACETIC, Rules, framing_reasons, quality_reasons, shown_stage
 from service.pipeline.spare import NO_SPARE_CORES, SpareCores
-from service.pipeline.voting import variant_batch, voting_variants, weighted_vote
 from service.render.reasons import Reason, ordered
 from service.settings import Settings
 
 T = TypeVar("T")
 Box = tuple[float, float, float, float]
 Region = tuple[int, int, int, int]
-Variants = dict[str, tuple[np.ndarray, np.ndarray]]  # voting variant name -> (RGB, lesion channel)
 STAGES = ("decode", "detect", "quality", "segment", "classify")
 
 
@@ -63,7 +66,7 @@ class Lesion:
 
 @dataclass(frozen=True)
 class Diagnosis:
-    probability: float  # P(CIN2+), weighted vote over the manifest's variants
+    probability: float  # P(CIN2+) of this photo as a one-photo exam (the case model, other stages imputed)
     referral: bool
 
     @property
@@ -81,6 +84,9 @@ class Assessment:
     quality: Quality | None = None
     stage: str | None = None  # the stage the photo was judged as (asked for, or the quality model's)
     lesion: Lesion | None = None
+    # The severity model's per-photo measures (case_risk.PHOTO_MEASURES): acetic-acid photos that reached a
+    # diagnosis, and an exam's usable saline and iodine photos; what the exam pools per stage.
+    measures: np.ndarray | None = field(default=None, repr=False)
     diagnosis: Diagnosis | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -97,12 +103,10 @@ class Pipeline:
         self.spare = spare
         self.rules = Rules.from_models(models, settings)
         self.limits = DecodeLimits(settings.max_pixels, settings.min_image_side, settings.decode_min_side)
-        voting = models.severity.manifest.extra.get("voting")
-        if not isinstance(voting, dict):
-            raise ModelConfigurationError("the severity manifest has no extra.voting mapping: re-export it")
-        self.voting_order: list[str] = list(voting["order"])
-        self.voting_weights: dict[str, float] = dict(voting["weights"])
-        self.voting_brightness: dict[str, float] = dict(voting["brightness"])
+        try:
+            self.case_model = CaseModel.from_extra(models.severity.manifest.extra)
+        except ValueError as error:
+            raise ModelConfigurationError(str(error)) from error
 
     # --- the composition -------------------------------------------------------------------------
 
@@ -143,6 +147,10 @@ class Pipeline:
         result.stage = stage or shown_stage(result.quality, self.rules)
         found = quality_reasons(result.quality, self.rules, expect_acetic=stage == ACETIC)
         result.reasons = ordered(set(result.reasons) | found)
+        if not result.reasons and diagnose and result.stage in (SALINE, IODINE):
+            # The exam's case features read these stages' colours (whitening, iodine non-uptake).
+            with _timed(timings, "classify"):
+                result.measures = self.measure_unstained(crop_rgb)
         if result.reasons or not diagnose or result.stage != ACETIC:
             return _finish(result, started)
         if early_segment is not None:
@@ -151,7 +159,8 @@ class Pipeline:
             with _timed(timings, "segment"):
                 result.lesion = self.segment(crop_rgb)
         with _timed(timings, "classify"):
-            result.diagnosis = self.classify(result.lesion)
+            result.measures = self.measure(result.lesion.fitted_rgb, result.lesion.lesion_channel)
+            result.diagnosis = self.classify(result.measures)
         return _finish(result, started)
 
     # --- stages ------------------------------------------------------------------------------------
@@ -191,22 +200,22 @@ class Pipeline:
             lesion_channel=channel,
         )
 
-    def classify(self, lesion: Lesion) -> Diagnosis:
-        variants = voting_variants(lesion.fitted_rgb, lesion.lesion_channel, self.voting_brightness)
-        half = len(self.voting_order) // 2
-        first, second = self.voting_order[:half], self.voting_order[half:]
-        other_half = self.spare.try_submit(lambda: self._variant_logits(variants, second))
-        if other_half is None:
-            logits = self._variant_logits(variants, self.voting_order)
-        else:  # two half batches on two cores
-            logits = np.concatenate([self._variant_logits(variants, first), other_half.result()])
-        by_variant = dict(zip(self.voting_order, _sigmoid(logits).tolist(), strict=True))
-        probability = weighted_vote(by_variant, self.voting_weights)
-        return Diagnosis(probability=probability, referral=probability >= self.rules.cin2plus)
-
-    def _variant_logits(self, variants: Variants, order: list[str]) -> np.ndarray:
+    def measure(self, fitted_rgb: np.ndarray, lesion_channel: np.ndarray) -> np.ndarray:
+        """The severity model's measures of one letterboxed crop and its lesion channel (nan: undefined)."""
         model = self.models.severity
-        return model.run(variant_batch(variants, order, model.manifest.input))["cin2plus_logit"][:, 0]
+        tensor = normalize(np.dstack([fitted_rgb, lesion_channel]), model.manifest.input)
+        return np.asarray(model.run(tensor)["measures"][0], dtype=np.float64)
+
+    def measure_unstained(self, crop_rgb: np.ndarray) -> np.ndarray:
+        """Measures of a saline or iodine photo. Its features (whiteness, iodine non-uptake) do not read the
+        lesion channel, so the segmenter is not run and the channel is left empty."""
+        fitted, _ = fit(crop_rgb, self.models.severity.manifest.input)
+        return self.measure(fitted, np.zeros(fitted.shape[:2], np.uint8))
+
+    def classify(self, photo_measures: np.ndarray) -> Diagnosis:
+        """An acetic-acid photo on its own: a one-photo exam (saline and iodine features imputed)."""
+        probability = self.case_model.probability({ACETIC: [photo_measures]})
+        return Diagnosis(probability=probability, referral=probability >= self.rules.cin2plus)
 
 
 # --- stages as functions of a model: the pipeline composes them, and training measures its fold models

@@ -51,7 +51,10 @@ class LesionOut(BaseModel):
 class DiagnosisOut(BaseModel):
     label: Literal["cin2plus", "negative_or_cin1"]
     probability: float = Field(
-        ge=0, le=1, description="P(CIN2+), test-time voting over the manifest's variants"
+        ge=0,
+        le=1,
+        description="P(CIN2+) of this photo as a one-photo exam (saline and iodine features "
+        "imputed); not shown to beat chance on held-out atlas cases (README: Models)",
     )
     referral: bool = Field(description="probability at or above the severity model's referral threshold")
 
@@ -104,8 +107,10 @@ class ExamDiagnosisOut(BaseModel):
     label: Literal["cin2plus", "negative_or_cin1"]
     probability: float = Field(ge=0, le=1, description="the exam's P(CIN2+), made as `method` says")
     referral: bool = Field(description="probability at or above the severity model's referral threshold")
-    method: str = Field(description="how the photos' probabilities were combined (README: Exams)")
-    photos_used: list[int] = Field(description="indices of the photos the probability comes from")
+    method: str = Field(description="how the photos were combined (README: Exams)")
+    photos_used: list[int] = Field(
+        description="indices of the photos the probability comes from: usable acetic-acid, saline and iodine"
+    )
 
 
 class ExamOut(BaseModel):
@@ -203,7 +208,7 @@ EXAMPLE_EXAM = {
     ],
     "review_index": 1,
     "diagnosis": {"label": "negative_or_cin1", "probability": 0.12, "referral": False,
-                  "method": "mean_over_usable_acetic_photos", "photos_used": [1]},
+                  "method": "logistic_on_stage_means_of_photo_measures", "photos_used": [1]},
     "contact_sheet_jpeg": None,
     "models": {"detector": "2.0.0", "quality": "3.1.0", "segmenter": "1.0.0", "severity": "1.0.0"},
     "timings_ms": {"total": 240.5},

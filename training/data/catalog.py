@@ -29,7 +29,7 @@ class TaskData:
 
 # Synthetic subject counts per task: enough to train the small models on this 2-core machine in
 # the `make models` budget; the synthetic holdout keeps 2/7 of them (val + test) out of training.
-SYNTHETIC_SUBJECTS = {"detector": 600, "quality": 400, "segmenter": 800, "severity": 600}
+SYNTHETIC_SUBJECTS = {"detector": 600, "quality": 400, "segmenter": 800, "severity": 0}
 
 
 def task_data(task: str, atlas_root: Path = DEFAULT_ATLAS) -> TaskData:
@@ -56,12 +56,14 @@ def task_data(task: str, atlas_root: Path = DEFAULT_ATLAS) -> TaskData:
         )
     if task == "segmenter":
         return TaskData(task, [], synthetic, "synthetic only: the atlas has no pixel masks")
-    acetic = [r for r in atlas if r.labels.exam_stage == "acetic" and r.labels.severity is not None]
+    # Case level: every staged photo of a graded case (its acetic-acid, saline and iodine views feed the
+    # case's features); no synthetic data, since nothing is learned from pixels (training.case_severity).
+    staged = [r for r in atlas if r.labels.exam_stage is not None and r.labels.severity is not None]
     return TaskData(
         task,
-        acetic,
-        synthetic,
-        "atlas: acetic-acid views with the case's histology; synthetic: acetic views with lesion grade",
+        staged,
+        0,
+        "atlas: each case's staged photos, measured and pooled per case, with the case's histology",
     )
 
 

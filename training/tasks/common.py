@@ -272,6 +272,13 @@ def training_data_summary(task: str, checkpoint: dict[str, object]) -> dict[str,
     """What the final model was trained on, for its manifest."""
     args = argparse.Namespace(**checkpoint["args"])  # type: ignore[arg-type]
     data = catalog.task_data(task, args.atlas)
+    if not data.synthetic_subjects:  # a real-only task (severity)
+        return {
+            "real": catalog.describe(data)["real_images"],
+            "real_subjects": len({r.subject for r in data.real}),
+            "uses": data.uses,
+            "final_model": "fitted on all real cases (nested CV fold models measured the real figures)",
+        }
     _, split = synthetic_split(task, args)
     return {
         "real": catalog.describe(data)["real_images"],

@@ -1,83 +1,95 @@
-"""Severity classifier: acetic-acid cervix crop, RGB + lesion probability -> P(CIN2+).
+"""Case-level CIN2+ risk: (a) frozen Lite0 features vs (b) Swede-style measured features, nested over cases.
 
-The 4th channel is the shipped lesion segmenter's probability map, computed with ONNX Runtime from
-`--segmenter-dir` exactly as the service computes it (run `train/export segmenter` first). Sources:
-atlas acetic-acid photos labelled with their case's histology (HSIL = CIN2+, LSIL = not) and
-synthetic subjects from a seed range the segmenter never saw. Real figures come from the fixed
-grouped 5-fold over atlas cases, with and without the U-Net++/RepVGG paper's test-time voting.
+Every atlas photo of a case (saline, acetic acid, iodine, ...) is cropped the way the service crops it, by
+the detector of the outer fold that holds its case out (`--detector-run`, its `fold_heads.npz`), and mapped
+by a lesion segmenter (`--segmenter-dir`; `--segmenter-folds DIR` takes DIR/fold<k>/ for the photos of
+fold k, for a segmenter trained on real outlines, so no held-out map comes from a model that saw it).
+So every photo's crop and lesion map is out of fold, and one feature cache serves every fit.
 
-    python -m training train severity --output-dir runs/severity
+The shipped model is (b) (`--ship`, default `measured`): neither beat chance on the atlas (both
+intervals include 0.5), and the rule is then to ship the simpler. Its ONNX file is the measures graph
+(`training.case_severity.SwedeMeasures`, nothing learned); the fitted logistic regression travels in the
+manifest (`extra.case_model`) and the service pools photos with `service.pipeline.case_risk`.
+
+    python -m training train severity --output-dir runs/severity --detector-run runs/detector
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from service.inference.manifest import InputSpec, Manifest, OutputSpec, read_manifest
-from service.inference.preprocess import crop, fit, normalize, prepare
-from service.pipeline.voting import PAPER_BRIGHTNESS, PAPER_WEIGHTS, variant_batch, voting_variants
-from training import engine, metrics, presets, reports
+from service.inference.preprocess import crop_box, fit, normalize, normalize_batch, prepare
+from service.io.decoding import decode_upload
+from service.pipeline import case_risk
+from service.pipeline.stages import detect_cervix
+from training import backbones, case_severity, device_suite, engine, metrics, presets, reports
 from training import export as export_step
-from training.data.records import LabelledImage
-from training.models import SeverityNet
-from training.sources import synthetic_subjects
+from training.case_severity import CaseTable, PhotoTable
+from training.data import catalog
+from training.data.adapters import DEFAULT_ATLAS, iarc_atlas
+from training.data.records import ImageRecord
+from training.features import FeatureExtractor, TorchOnOnnx, onnx_session
+from training.sources import load_all
 from training.tasks import common
+from training.tasks.detector import fold_detectors
 
 TASK = "severity"
-STAGE = "acetic"
-# Synthetic severity subjects are drawn from seeds the segmenter (seeds 0..) never trained on, so its
-# lesion channel here is as good as it will be on new patients, not better.
-FIRST_SYNTHETIC_SEED = 100_000
-VOTING_ORDER = tuple(PAPER_WEIGHTS)
+SPEC = presets.INPUT_SPECS[TASK]  # 224 px letterbox: the segmenter's map is aligned as is
+# The served model: the measures graph on the crop and its lesion map, each channel scaled to 0..1.
+MEASURE_SPEC = InputSpec(
+    name="crop", width=SPEC.width, height=SPEC.height, channels=("R", "G", "B", "lesion_probability"),
+    resize="letterbox", mean=(0.0,) * 4, std=(1.0,) * 4,
+)  # fmt: skip
+LITE_SPEC = InputSpec(
+    name="crop", width=SPEC.width, height=SPEC.height, channels=("R", "G", "B"), resize="letterbox",
+    mean=backbones.LITE_MEAN, std=backbones.LITE_STD,
+)  # fmt: skip
+POOL_CELL = 32  # Lite0's stride at the head: one 7x7 feature cell per 32x32 block of the lesion map
+CACHE = "photo_features.npz"
+C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, add_help=add_help)
-    common.add_common_arguments(parser, epochs=8, batch_size=32, lr=3e-3, pretrain_epochs=8)
-    parser.add_argument(
-        "--segmenter-dir",
-        type=Path,
-        default=Path("models/segmenter"),
-        help="exported segmenter (model.onnx + manifest.json) for the 4th channel",
-    )
-    parser.add_argument(
-        "--target-sensitivity",
-        type=float,
-        default=0.95,
-        help="operating point: CIN2+ sensitivity on pooled held-out real folds",
-    )
-    parser.add_argument(
-        "--lesion-only-rate",
-        type=float,
-        default=0.25,
-        help="share of training samples shown lesion-only, as voting does",
-    )
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--atlas", type=Path, default=DEFAULT_ATLAS)
+    parser.add_argument("--detector-run", type=Path, default=Path("runs/detector"),
+                        help="run with fold_heads.npz: each fold's detector crops its cases")  # fmt: skip
+    parser.add_argument("--segmenter-dir", type=Path, default=Path("models/segmenter"),
+                        help="exported segmenter for the lesion maps of every photo")  # fmt: skip
+    parser.add_argument("--segmenter-folds", type=Path, default=None,
+                        help="DIR with fold<k>/ segmenters: fold k's maps its held-out photos")  # fmt: skip
+    parser.add_argument("--target-sensitivity", type=float, default=0.9,
+                        help="CIN2+ sensitivity on inner out-of-fold predictions")  # fmt: skip
+    parser.add_argument("--inner-folds", type=int, default=5)
+    parser.add_argument("--inner-repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--whole-frame", action="store_true",
+                        help="whole-frame crops, no detector (smoke tests)")  # fmt: skip
+    parser.add_argument("--max-cases", type=int, default=0,
+                        help="keep this many cases, grades alternating (smoke tests); 0: all")  # fmt: skip
     return parser
 
 
-@dataclass(frozen=True)
-class SeverityCrop:
-    """An eval-path crop and its lesion channel: the costly part (segmenter inference), made once."""
-
-    rgb: np.ndarray  # HxWx3 uint8 at model input size (letterboxed cervix crop)
-    lesion: np.ndarray  # HxW uint8, segmenter probability x 255, aligned with rgb
-    cin2plus: float
-    subject: str
+# --- photos -> crops, lesion maps, features (once, cached) ------------------------------------------------
 
 
 @dataclass(frozen=True)
-class SeveritySample:
-    tensor: np.ndarray  # 4xHxW float32
-    cin2plus: float
+class PhotoCrop:
+    rgb: np.ndarray  # 224x224x3 uint8, letterboxed cervix crop
+    lesion: np.ndarray  # 224x224 uint8, P(lesion) x 255
+    inside: np.ndarray  # 224x224 bool, the crop's own pixels (not the letterbox padding)
+    detected: bool  # False: the fold's detector missed and the whole frame was used
 
 
 class LesionChannel:
@@ -109,293 +121,347 @@ class LesionChannel:
         return np.round(probability * 255.0).astype(np.uint8)
 
 
-def make_crops(images: list[LabelledImage], lesion_channel: LesionChannel, desc: str) -> list[SeverityCrop]:
-    spec = presets.INPUT_SPECS[TASK]
+def lesion_source(args: argparse.Namespace, folds: list[int]) -> dict[int, LesionChannel]:
+    """The segmenter that maps each fold's photos: one shipped model for all, or one per fold."""
+    if args.segmenter_folds is None:
+        shared = LesionChannel(args.segmenter_dir)
+        return dict.fromkeys(folds, shared)
+    return {k: LesionChannel(args.segmenter_folds / f"fold{k}") for k in folds}
+
+
+def crop_photo(
+    rgb: np.ndarray, detector: tuple[TorchOnOnnx, float] | None, lesion: LesionChannel
+) -> PhotoCrop:
+    """The service's crop: JPEG as a phone sends it, decoded as served, boxed by the detector, grown by the
+    crop margin; a missed cervix falls back to the whole frame (the atlas frames the cervix)."""
+    decoded = decode_upload(device_suite.encode_jpeg(rgb), device_suite.SERVED_DECODE)
+    width, height = decoded.original_size
+    found = detect_cervix(detector[0], decoded, detector[1]).box if detector is not None else None
+    box = found or (0.0, 0.0, float(width), float(height))
+    region = crop_box(box, width, height, presets.CROP_MARGIN)
+    crop_rgb = decoded.region(region, SPEC.width)
+    fitted, placement = fit(crop_rgb, SPEC)
+    inside = np.zeros(fitted.shape[:2], bool)
+    left, top = round(placement.pad_x), round(placement.pad_y)
+    inside[top : top + round(crop_rgb.shape[0] * placement.scale_y),
+           left : left + round(crop_rgb.shape[1] * placement.scale_x)] = True  # fmt: skip
+    return PhotoCrop(fitted, lesion(crop_rgb), inside, found is not None)
+
+
+def lesion_weights(lesion: np.ndarray, cell: int = POOL_CELL) -> np.ndarray:
+    """NxHxW uint8 lesion maps -> Nx(H/cell)x(W/cell) mean probability per feature cell (average pooling,
+    which ONNX has)."""
+    n, h, w = lesion.shape
+    return lesion.reshape(n, h // cell, cell, w // cell, cell).mean(axis=(2, 4)) / 255.0
+
+
+def pooled_features(maps: np.ndarray, lesion: np.ndarray) -> dict[str, np.ndarray]:
+    """Global average of the head map, and the map averaged with the lesion probability as weights (the
+    lesion's own appearance); a photo with no lesion falls back to the global average."""
+    maps = maps.astype(np.float32)
+    weights = lesion_weights(lesion)[:, None]
+    total = weights.sum(axis=(2, 3))
+    gap = maps.mean(axis=(2, 3))
+    weighted = (maps * weights).sum(axis=(2, 3)) / np.maximum(total, 1e-6)
+    weighted = np.where(total > 1e-3, weighted, gap)
+    return {"gap": gap, "lesion": weighted}
+
+
+def extract(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """Crops, maps, deep features and measures of every atlas photo that shows the cervix and has a stage."""
+    records = catalog.task_data(TASK, args.atlas).real  # every staged photo of a graded case
+    if args.max_cases:
+        keep = few_cases(records, args.max_cases)
+        records = [r for r in records if r.subject in keep]
+    fold_of = catalog.real_fold_of_subject(args.atlas)
+    images = load_all(records, desc="atlas")
+    folds = sorted({fold_of[r.subject] for r in records})
+    detectors: dict[int, tuple[TorchOnOnnx, float] | None] = dict.fromkeys(folds)
+    if not args.whole_frame:
+        detectors = {
+            k: (TorchOnOnnx(model, presets.INPUT_SPECS["detector"], ("cervix_logit", "box")), t)
+            for k, (model, t) in fold_detectors(args.detector_run).items()
+        }
+        if missing := set(folds) - set(detectors):
+            raise ValueError(f"{args.detector_run} has no detector for fold(s) {sorted(missing)}")
+    lesions = lesion_source(args, folds)
     crops = []
-    for image in tqdm(images, desc=desc, leave=False):
-        region = crop(image.image, presets.cervix_region(image))
-        fitted, _ = fit(region, spec)
-        if image.labels.severity is None:
-            raise ValueError(f"{image.subject}: severity training needs a histology grade")
-        cin2plus = float(image.labels.severity.is_cin2plus)
-        crops.append(SeverityCrop(fitted, lesion_channel(region), cin2plus, image.subject))
-    return crops
+    for record, image in tqdm(zip(records, images, strict=True), total=len(records), desc="crops"):
+        fold = fold_of[record.subject]
+        crops.append(crop_photo(image.image, detectors[fold], lesions[fold]))
+    trunk = backbones.LiteTrunk((), head=True)
+    extractor = FeatureExtractor(trunk, ("head",), LITE_SPEC, threads=args.threads, batch_size=16)
+    maps = extractor.extract(np.stack([c.rgb for c in crops]), desc="lite0")["head"]
+    lesion = np.stack([c.lesion for c in crops])
+    deep = pooled_features(maps, lesion)
+    out: dict[str, np.ndarray] = {
+        "case": np.array([r.subject for r in records]),
+        "stage": np.array([r.labels.exam_stage for r in records]),
+        "fold": np.array([fold_of[r.subject] for r in records]),
+        "cin2plus": np.array([float(r.labels.severity.is_cin2plus) for r in records]),  # type: ignore[union-attr]
+        "path": np.array([str(r.path.relative_to(args.atlas)) for r in records]),
+        "detected": np.array([c.detected for c in crops]),
+        "deep_gap": deep["gap"],
+        "deep_lesion": deep["lesion"],
+        "rgb": np.stack([c.rgb for c in crops]),
+        "lesion": lesion,
+    }
+    return out
 
 
-def severity_sample(
-    item: SeverityCrop, rng: np.random.Generator | None, lesion_only_rate: float = 0.25
-) -> SeveritySample:
-    """Training shows the kinds of input voting makes: flips, brightness, lesion-only (plus colour jitter)."""
-    rgb, lesion = item.rgb, item.lesion
-    if rng is not None:
-        rgb = presets.colour_jitter(rgb, rng)
-        if rng.random() < 0.5:
-            rgb, lesion = rgb[:, ::-1], lesion[:, ::-1]
-        if rng.random() < 0.5:
-            rgb, lesion = rgb[::-1], lesion[::-1]
-        if rng.random() < lesion_only_rate:
-            rgb = voting_variants(rgb, lesion)["lesion_only"][0]
-    tensor = normalize(np.ascontiguousarray(np.dstack([rgb, lesion])), presets.INPUT_SPECS[TASK])[0]
-    return SeveritySample(tensor, item.cin2plus)
+def few_cases(records: list[ImageRecord], count: int) -> set[str]:
+    """`count` cases taken from each grade in turn, so a small run still has both classes."""
+    by_grade: dict[bool, list[str]] = {True: [], False: []}
+    for record in records:
+        grade = record.labels.severity.is_cin2plus  # type: ignore[union-attr]
+        if record.subject not in by_grade[grade]:
+            by_grade[grade].append(record.subject)
+    mixed = [c for pair in zip(by_grade[False], by_grade[True], strict=False) for c in pair]
+    return set(mixed[:count])
 
 
-def loss_fn(
-    outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], pos_weight: float
-) -> torch.Tensor:
-    """BCE with the positive class weighted by negatives/positives of the training set (imbalance)."""
-    return F.binary_cross_entropy_with_logits(
-        outputs["cin2plus_logit"][:, 0], batch["cin2plus"].float(), pos_weight=torch.tensor(pos_weight)
-    )
+def load_or_extract(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    path = args.output_dir / CACHE
+    if path.is_file():
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    features = extract(args)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **features)  # type: ignore[arg-type]
+    return features
 
 
-def fit_model(
-    items: list[SeverityCrop],
-    args: argparse.Namespace,
-    base: SeverityNet | None = None,
-    *,
-    pretraining: bool = False,
-) -> SeverityNet:
-    positives = sum(item.cin2plus for item in items)
-    pos_weight = (len(items) - positives) / max(positives, 1.0)
-    transform = partial(severity_sample, lesion_only_rate=args.lesion_only_rate)
-    dataset = engine.SampleDataset(items, transform, args.seed)
-    loss = partial(loss_fn, pos_weight=pos_weight)
-    return common.fit_stage(SeverityNet, base, dataset, loss, args, TASK, pretraining=pretraining)
+# --- the comparison ---------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
-def score(model: SeverityNet, items: list[SeverityCrop]) -> dict[str, np.ndarray]:
-    """P(CIN2+) from the original input alone and from the weighted vote over the paper's six variants."""
-    model.eval()
-    spec = presets.INPUT_SPECS[TASK]
-    weights = np.array([PAPER_WEIGHTS[name] for name in VOTING_ORDER])
-    single, voted = [], []
-    for item in items:
-        batch = variant_batch(voting_variants(item.rgb, item.lesion), VOTING_ORDER, spec)
-        probability = torch.sigmoid(model(torch.from_numpy(batch))["cin2plus_logit"][:, 0]).numpy()
-        single.append(probability[VOTING_ORDER.index("original")])
-        voted.append(float(probability @ weights / weights.sum()))
+def tables(features: dict[str, np.ndarray]) -> tuple[PhotoTable, CaseTable]:
+    """Photos, and the cases that can be scored (at least one acetic-acid photo: the exam endpoint's rule)."""
+    photos = PhotoTable(features["case"], features["stage"], features["fold"], features["cin2plus"])
+    cases = sorted(set(photos.case[photos.stage == case_risk.ACETIC].tolist()))
+    return photos, case_severity.case_table(photos, cases)
+
+
+def candidates(
+    features: dict[str, np.ndarray], photos: PhotoTable, cases: CaseTable
+) -> dict[str, dict[str, np.ndarray]]:
+    names = list(cases.case)
+    gap, _ = case_severity.pool_stage(features["deep_gap"], photos, names, case_risk.ACETIC)
+    lesion, _ = case_severity.pool_stage(features["deep_lesion"], photos, names, case_risk.ACETIC)
+    measured = case_severity.measured_case_features(features["measures"], photos, names)
     return {
-        "p_single": np.array(single),
-        "p_voting": np.array(voted),
-        "cin2plus": np.array([item.cin2plus for item in items]),
-        "subject": np.array([item.subject for item in items]),
+        "deep": {"gap": gap, "gap+lesion": np.hstack([gap, lesion])},
+        "measured": {"measured": measured},
+    }
+
+
+def served_measures(rgb: np.ndarray, lesion: np.ndarray) -> np.ndarray:
+    """Per-photo measures from the ONNX export of the measures graph, as the service will compute them."""
+    session = onnx_session(case_severity.SwedeMeasures(), ("measures",), MEASURE_SPEC)
+    tensor = normalize_batch(np.concatenate([rgb, lesion[..., None]], axis=3), MEASURE_SPEC)
+    (out,) = session.run(["measures"], {"image": tensor})
+    return np.asarray(out, dtype=np.float64)
+
+
+def swede_scores(atlas: Path) -> dict[str, float]:
+    """The atlas's Swede score per case (a colposcopist's): a reference to compare with, never an input."""
+    scores = {}
+    for path in sorted(atlas.glob("cases_*.csv")):
+        with path.open(newline="") as stream:
+            for row in csv.DictReader(stream):
+                text = row.get("swede_score", "").strip()
+                if text.isdigit():  # some cases say why it could not be scored
+                    scores[f"iarc-{row['case_id']}"] = float(text)
+    return scores
+
+
+def context(
+    features: dict[str, np.ndarray], photos: PhotoTable, cases: CaseTable, atlas: Path
+) -> dict[str, object]:
+    """Descriptive figures on all cases at once (no fitting, so nothing here is a held-out estimate): the
+    Swede score's own ROC-AUC, and each measured feature's, with the direction the Swede score expects."""
+    swede = swede_scores(atlas)
+    known = np.array([c in swede for c in cases.case])
+    measured = candidates(features, photos, cases)["measured"]["measured"]
+    single = {}
+    for i, name in enumerate(case_severity.CASE_MEASURES):
+        ok = ~np.isnan(measured[:, i])
+        single[name] = {"roc_auc": metrics.roc_auc(cases.cin2plus[ok], measured[ok, i]), "n": int(ok.sum())}
+    return {
+        "swede_score_roc_auc": metrics.roc_auc(
+            cases.cin2plus[known], np.array([swede[c] for c in cases.case[known]])
+        ),
+        "swede_score_n": int(known.sum()),
+        "single_measure_roc_auc": single,
     }
 
 
 def main(args: argparse.Namespace) -> dict[str, object]:
-    common.configure_torch(args)
-    lesion_channel = LesionChannel(args.segmenter_dir)
-    real = common.real_data(TASK, args)
-    count, synthetic_split = common.synthetic_split(TASK, args)
-    # One photo per subject: list index == the subject's index in the synthetic split.
-    synthetic = synthetic_subjects(FIRST_SYNTHETIC_SEED, count, (STAGE,))
-    keep = [i for i, image in enumerate(synthetic) if image.labels.cervix_present]
-    crops = make_crops([synthetic[i] for i in keep], lesion_channel, "synth crops")
-    synthetic_crops = dict(zip(keep, crops, strict=True))
-    real_crops = make_crops(real.images, lesion_channel, "real crops")
-    synthetic_train = [synthetic_crops[i] for i in synthetic_split.train if i in synthetic_crops]
-    synthetic_test = [synthetic_crops[i] for i in synthetic_split.test if i in synthetic_crops]
-
-    base = fit_model(synthetic_train, args, pretraining=True) if args.pretrain_epochs else None
-
-    def with_replay(items: list[SeverityCrop]) -> list[SeverityCrop]:
-        return items + common.replay(synthetic_train, args.replay, len(items), args.seed)
-
+    features = load_or_extract(args)
+    features["measures"] = served_measures(features["rgb"], features["lesion"])
+    photos, cases = tables(features)
+    summary: dict[str, object] = {
+        "real_split": common.split_family(
+            catalog.real_folds(iarc_atlas(args.atlas), catalog.real_fold_of_subject(args.atlas))
+        ),
+        "n_photos": len(photos.case),
+        "photos_by_stage": {s: int((photos.stage == s).sum()) for s in np.unique(photos.stage)},
+        "crops": "whole frame" if args.whole_frame else "each outer fold's detector",
+        "detector_missed": int((~features["detected"]).sum()),
+        "target_sensitivity": args.target_sensitivity,
+        "c_grid": list(C_GRID),
+    }
+    options = candidates(features, photos, cases)
     held_out = []
-    for fold in common.folds_to_run(args, len(real.folds)):
-        split = real.folds[fold]
-        model = fit_model(with_replay(common.pick(real_crops, split.train)), args, base)
-        out = score(model, common.pick(real_crops, split.val))
-        out["fold"] = np.full(len(split.val), fold)
-        held_out.append(out)
-
-    model = fit_model(with_replay(real_crops), args, base)
-    synthetic_eval = score(model, synthetic_test)
+    for model, sets in options.items():
+        folds = case_severity.nested_case_cv(
+            sets, cases, C_GRID, target_sensitivity=args.target_sensitivity,
+            inner_folds=args.inner_folds, repeats=args.inner_repeats, seed=args.seed,
+        )  # fmt: skip
+        summary[model] = case_severity.summarise_outer(folds, cases, seed=args.seed)
+        held_out.append(held_out_rows(model, folds, cases))
+    summary["context"] = context(features, photos, cases, args.atlas)
+    measured = options["measured"]["measured"]
+    summary["measured_missing_cases"] = {
+        name: int(np.isnan(measured[:, i]).sum()) for i, name in enumerate(case_risk.CASE_FEATURES)
+    }
+    final, summary["shipped"] = fit_final(measured, cases, args)
+    summary["threshold"] = final["threshold"]
     engine.save_checkpoint(
         args.output_dir / "model.pth",
-        model,
+        case_severity.SwedeMeasures(),
         args,
-        command=common.command_line(args),
-        segmenter_sha256=lesion_channel.manifest.sha256,
+        command=getattr(args, "command", "python -m training train severity"),
+        segmenter_sha256=LesionChannel(args.segmenter_dir).manifest.sha256,
+        case_model=final,
     )
-    common.save_predictions(args.output_dir, held_out=held_out, synthetic_test=synthetic_eval)
-    summary = summarise(
-        held_out,
-        synthetic_eval,
-        args,
-        real_split=common.split_family(real.folds),
-        synthetic_split=synthetic_split.name,
-    )
-    summary["segmenter"] = {
-        "version": lesion_channel.manifest.version,
-        "sha256": lesion_channel.manifest.sha256,
-    }
+    common.save_predictions(args.output_dir, held_out=held_out)
     engine.write_json(args.output_dir / "metrics.json", summary)
     return summary
 
 
-def _per_case(out: dict[str, np.ndarray], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Mean probability per case (a case's photos are not independent; histology is per case)."""
-    cases = np.unique(out["subject"])
-    y = np.array([out["cin2plus"][out["subject"] == c][0] for c in cases])
-    p = np.array([out[key][out["subject"] == c].mean() for c in cases])
-    return y, p
+def held_out_rows(
+    model: str, folds: list[case_severity.OuterFold], cases: CaseTable
+) -> dict[str, np.ndarray]:
+    index = np.concatenate([f.held_out for f in folds])
+    return {
+        "model": np.full(len(index), model),
+        "case": cases.case[index],
+        "fold": cases.fold[index],
+        "cin2plus": cases.cin2plus[index],
+        "p": np.concatenate([f.probability for f in folds]),
+        "called": np.concatenate([f.probability >= f.threshold for f in folds]),
+    }
 
 
-def summarise(
-    held_out: list[dict[str, np.ndarray]],
-    synthetic_eval: dict[str, np.ndarray],
-    args: argparse.Namespace,
-    *,
-    real_split: str,
-    synthetic_split: str,
-) -> dict[str, object]:
-    summary: dict[str, object] = {"real_split": real_split, "synthetic_split": synthetic_split}
-    for mode in ("single", "voting"):
-        key = f"p_{mode}"
-        if held_out:
-            pooled = {k: np.concatenate([h[k] for h in held_out]) for k in held_out[0]}
-            threshold = metrics.threshold_for_sensitivity(
-                pooled["cin2plus"], pooled[key], args.target_sensitivity
-            )
-            folds = [
-                metrics.binary_metrics(h["cin2plus"], h[key], threshold, positive_class="CIN2+")
-                for h in held_out
-            ]
-            case_y, case_p = _per_case(pooled, key)
-            summary[f"{mode}_threshold"] = threshold
-            summary[f"{mode}_real_held_out"] = metrics.mean_sd_over_folds(folds)
-            summary[f"{mode}_real_pooled"] = metrics.binary_metrics(
-                pooled["cin2plus"], pooled[key], threshold, positive_class="CIN2+"
-            )
-            summary[f"{mode}_real_pooled_roc_auc_ci"] = metrics.bootstrap_ci(
-                pooled["cin2plus"], pooled[key], metrics.roc_auc, groups=pooled["subject"]
-            )
-            summary[f"{mode}_real_per_case"] = metrics.binary_metrics(
-                case_y, case_p, threshold, positive_class="CIN2+"
-            )
-        summary[f"{mode}_synthetic_test"] = metrics.binary_metrics(
-            synthetic_eval["cin2plus"],
-            synthetic_eval[key],
-            float(summary.get(f"{mode}_threshold", 0.5)),  # type: ignore[arg-type]
-            positive_class="CIN2+",
-        )
-    summary["threshold_rule"] = (
-        f"highest P(CIN2+) threshold with CIN2+ sensitivity >= {args.target_sensitivity} on the pooled "
-        "held-out real folds, chosen separately with and without voting"
-    )
-    return summary
+def fit_final(
+    x: np.ndarray, cases: CaseTable, args: argparse.Namespace
+) -> tuple[dict[str, object], dict[str, object]]:
+    """The shipped (b) model on every case: C and the threshold chosen by the same inner CV the outer folds
+    used, then the pipeline folded into median imputation + one weight vector and bias (what the manifest
+    carries and `service.pipeline.case_risk.CaseModel` applies)."""
+    choice, p_inner = case_severity.choose(
+        {"measured": x}, cases.cin2plus, C_GRID, folds=args.inner_folds, repeats=args.inner_repeats,
+        seed=args.seed,
+    )  # fmt: skip
+    threshold = metrics.threshold_for_sensitivity(cases.cin2plus, p_inner, args.target_sensitivity)
+    pipeline = case_severity.logistic(choice.c).fit(x, cases.cin2plus)
+    imputer, scaler, model = (step for _, step in pipeline.steps)
+    weight = model.coef_[0] / scaler.scale_
+    bias = float(model.intercept_[0] - weight @ scaler.mean_)
+    case_model = {
+        "features": list(case_risk.CASE_FEATURES),
+        "photo_measures": list(case_risk.PHOTO_MEASURES),
+        "impute": [float(v) for v in imputer.statistics_],
+        "weight": [float(v) for v in weight],
+        "bias": bias,
+        "threshold": float(threshold),
+        "c": choice.c,
+    }
+    shipped = {"model": "measured", "c": choice.c, "inner_auc": choice.inner_auc, "n_cases": len(cases.case)}
+    return case_model, shipped
 
 
-get_step_parser = common.get_step_parser
+get_step_parser = partial(common.get_step_parser, version="2.0.0")
 
-OUTPUTS = (OutputSpec(name="cin2plus_logit", shape=("batch", 1), description="logit of P(CIN2+)"),)
+OUTPUTS = (
+    OutputSpec(
+        name="measures",
+        shape=("batch", len(case_risk.PHOTO_MEASURES)),
+        description="per-photo measures (extra.case_model.photo_measures order); nan: undefined here",
+    ),
+)
 
 
 def report(args: argparse.Namespace) -> dict[str, Path]:
     run_dir: Path = args.run_dir
     summary = json.loads((run_dir / "metrics.json").read_text())
-    predictions = common.load_predictions(run_dir)
+    held_out = common.load_predictions(run_dir)["held_out"]
     figures: dict[str, reports.FigureSpec] = {}
-    real = predictions.get("held_out")
-    if real is not None and len(np.unique(real["cin2plus"])) == 2:
-        for mode in ("single", "voting"):
-            threshold = summary[f"{mode}_threshold"]
-            figures[f"roc_{mode}_real_held_out"] = partial(
-                reports.plot_roc,
-                real["cin2plus"],
-                real[f"p_{mode}"],
-                threshold,
-                title=f"CIN2+, held-out atlas cases ({'with' if mode == 'voting' else 'without'} voting)",
-            )
-            figures[f"confusion_{mode}_real_held_out"] = partial(
-                reports.plot_confusion,
-                summary[f"{mode}_real_pooled"]["confusion_matrix"],
-                ["not CIN2+", "CIN2+"],
-                title=f"Held-out atlas photos ({mode})",
-            )
-        figures["calibration_voting_real_held_out"] = partial(
-            reports.plot_calibration,
-            metrics.calibration(real["cin2plus"], real["p_voting"]),
-            title="Calibration",
-        )
-    figures["examples_synthetic_test"] = partial(_plot_examples, run_dir, args.atlas)
+    for model in ("deep", "measured"):
+        rows = held_out["model"] == model
+        figures[f"roc_{model}_held_out_cases"] = partial(
+            reports.plot_roc, held_out["cin2plus"][rows], held_out["p"][rows],
+            float(np.median(summary[model]["thresholds"])),
+            title=f"CIN2+ per held-out atlas case: {model} (median of the folds' thresholds marked)",
+        )  # fmt: skip
     return reports.write_report(
         run_dir / "report",
-        "Severity classifier (CIN2+)",
+        "Severity: CIN2+ per case",
         summary,
-        split=summary.get("real_split", "synthetic"),
+        split="real-gkf5-s0 (outer) / inner stratified 5-fold x3 over each outer fold's training cases",
         figures=figures,
         notes=(
-            "Real figures: atlas acetic-acid photos of held-out cases (grouped 5-fold), histology per "
-            "case (HSIL = CIN2+). 'single' scores the original input; 'voting' is the weighted vote over "
-            "the paper's six variants, computed as the service computes it (service.pipeline.voting).",
-            "The atlas is small (44 cases, about three HSIL per LSIL): confidence intervals are wide.",
+            "Case-level: one prediction per atlas case (patient), histology HSIL = CIN2+, LSIL = not.",
+            "deep: frozen ImageNet Lite0 features of each acetic-acid crop, mean over the case's acetic-acid "
+            "photos, L2 logistic regression. measured: Swede-style measures, logistic regression (shipped).",
+            "Neither interval excludes 0.5: on 44 cases neither model is shown to beat chance.",
         ),
     )
 
 
-def _plot_examples(run_dir: Path, atlas: Path, path: Path) -> Path:
-    """The final model on held-out synthetic subjects: RGB with the lesion channel tinted yellow."""
-    model, checkpoint = common.load_final(run_dir, SeverityNet)
-    args = argparse.Namespace(**checkpoint["args"])
-    _, split = common.synthetic_split(TASK, args)
-    photos = [synthetic_subjects(FIRST_SYNTHETIC_SEED + i, 1, (STAGE,))[0] for i in split.test[:16]]
-    photos = [photo for photo in photos if photo.labels.cervix_present][:12]
-    items = make_crops(photos, LesionChannel(args.segmenter_dir), "examples")
-    out = score(model, items)
-    drawn = [
-        (
-            item.rgb * (1 - item.lesion[..., None] / 510)
-            + np.array([255, 230, 0]) * item.lesion[..., None] / 510
-        ).astype(np.uint8)
-        for item in items
-    ]
-    captions = [
-        f"P(CIN2+) {p:.2f} voted, truth {'CIN2+' if y else 'not'}"
-        for p, y in zip(out["p_voting"], out["cin2plus"], strict=True)
-    ]
-    return reports.plot_examples(drawn, captions, path)
-
-
 def export(args: argparse.Namespace) -> export_step.ExportResult:
-    return common.export_task(args, TASK, SeverityNet, describe, parity_input)
+    return common.export_task(args, TASK, case_severity.SwedeMeasures, describe, parity_input)
 
 
 def parity_input(rgb: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """A crop with a lesion channel that has a border (bright pixels), so every measure is defined."""
     fitted, _ = fit(rgb, spec)
-    lesion = (fitted.mean(axis=2) > 140).astype(np.uint8) * 255  # any plausible 4th channel will do
+    lesion = (fitted.mean(axis=2) > 110).astype(np.uint8) * 255
     return normalize(np.dstack([fitted, lesion]), spec)
 
 
 def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
+    case_model = dict(checkpoint["case_model"])
+    threshold = float(case_model.pop("threshold"))
     return common.TaskDescription(
         outputs=OUTPUTS,
-        thresholds={
-            "cin2plus": float(summary.get("voting_threshold", 0.5)),
-            "cin2plus_single": float(summary.get("single_threshold", 0.5)),
-        },
+        thresholds={"cin2plus": threshold},
         extra={
-            "probability": "sigmoid(cin2plus_logit); refer when the vote >= thresholds.cin2plus",
-            "lesion_channel": "the segmenter's sigmoid x 255 on the same letterboxed crop, as uint8",
+            "case_model": case_model,
+            "combine": (
+                "service.pipeline.case_risk: per exam stage (acetic, saline, iodine) the mean of its usable "
+                "photos' measures; case features from those means (missing stage -> impute); "
+                "P(CIN2+) = sigmoid(weight . features + bias); refer when P >= thresholds.cin2plus"
+            ),
+            "lesion_channel": "the segmenter's sigmoid x 255 on the same letterboxed crop, as uint8 "
+            "(saline and iodine photos: any; their measures do not read it)",
             "segmenter_sha256": checkpoint.get("segmenter_sha256"),
-            "voting": {
-                "order": list(VOTING_ORDER),
-                "weights": PAPER_WEIGHTS,
-                "brightness": PAPER_BRIGHTNESS,
-                "rule": "service.pipeline.voting: weighted mean of P(CIN2+) over the variants",
-            },
             "crop_margin": presets.CROP_MARGIN,
         },
         intended_use=(
-            "Estimate, from an acetic-acid cervix photo, the probability of CIN2+ to support a referral "
-            "decision by a trained health worker. Research reference model, not a medical device."
+            "Research reference for a patient's CIN2+ risk from an exam's photos, read beside a trained "
+            "health worker's own assessment. Not a medical device; not shown to beat chance on the atlas."
         ),
         limitations=(
-            "Real training data is 44 atlas cases with case-level histology (HSIL vs LSIL, no normals): "
-            "specificity on a screening population (mostly normal) is unmeasured. The lesion channel "
-            "comes from a segmenter trained on synthetic masks."
+            "44 atlas cases (32 HSIL, 12 LSIL, no normals): held-out case ROC-AUC is not distinguishable "
+            "from 0.5 (see metrics), so it must not drive a referral on its own. Shipped because it is the "
+            "simpler of two candidates that both failed to beat chance. The lesion maps come from a "
+            "segmenter trained on synthetic masks."
         ),
-        changelog=["1.0.0: first release."],
+        changelog=[
+            "1.0.0: per-photo 4-channel CNN from scratch with test-time voting.",
+            "2.0.0: case level. The ONNX model measures each photo (Swede-style measures, nothing "
+            "learned); a logistic regression on cases combines an exam's acetic-acid, saline and iodine "
+            "photos. The per-photo CNN and voting are retired.",
+        ],
     )
