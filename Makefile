@@ -43,8 +43,10 @@ test-fast: $(DEV_STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 # Train, evaluate and export the four models into models/, each with a copy of its evaluation report
-# (runs/ keeps checkpoints and held-out predictions). The segmenter goes first: the severity model's 4th channel is the exported segmenter's output.
-MODEL_TASKS := segmenter severity detector quality
+# (runs/ keeps checkpoints and held-out predictions). The detector goes first: the segmenter and quality tasks
+# measure their fold models on the crops its fold models take (runs/detector); the segmenter before severity:
+# the severity model's 4th channel is the exported segmenter's output.
+MODEL_TASKS := detector segmenter severity quality
 RUNS := runs
 models: $(DEV_STAMP)
 	@set -e; for task in $(MODEL_TASKS); do \

@@ -288,7 +288,12 @@ def summarise(
     return summary
 
 
-get_step_parser = common.get_step_parser
+CHANGELOG = (
+    "1.0.0: first release.",
+    "1.1.0: same network and recipe, retrained on the lesion maps of segmenter 2.0.0 (learned from real "
+    "clinician outlines); thresholds re-chosen by the same rule.",
+)
+get_step_parser = partial(common.get_step_parser, version=CHANGELOG[-1].split(":")[0])
 
 OUTPUTS = (OutputSpec(name="cin2plus_logit", shape=("batch", 1), description="logit of P(CIN2+)"),)
 
@@ -394,8 +399,9 @@ def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
         ),
         limitations=(
             "Real training data is 44 atlas cases with case-level histology (HSIL vs LSIL, no normals): "
-            "specificity on a screening population (mostly normal) is unmeasured. The lesion channel "
-            "comes from a segmenter trained on synthetic masks."
+            "specificity on a screening population (mostly normal) is unmeasured. The lesion channel comes "
+            "from the shipped segmenter, which learned from outlines of some of these atlas photos: on the "
+            "held-out folds the lesion channel itself is not held out."
         ),
-        changelog=["1.0.0: first release."],
+        changelog=list(CHANGELOG),
     )
