@@ -134,11 +134,10 @@ def test_letterbox_interior_is_the_one_the_service_reports(size: tuple[int, int]
     height, width = size
     _, placement = fit(np.zeros((height, width, 3), np.uint8), presets.INPUT_SPECS["segmenter"])
     left, top, right, bottom = segmenter._inside(width, height)
-    # service.pipeline.Pipeline.segment's cut
-    assert (left, top) == (round(placement.pad_x), round(placement.pad_y))
-    assert right == left + max(1, round(width * placement.scale_x))
-    assert bottom == top + max(1, round(height * placement.scale_y))
-    assert min(left, top) >= 0 and max(right, bottom) <= 224
+    assert (left, top, right, bottom) == placement.interior(width, height)  # service.pipeline.segment's cut
+    resized = fit(np.full((height, width, 3), 255, np.uint8), presets.INPUT_SPECS["segmenter"])[0][..., 0]
+    assert (resized[top:bottom, left:right] == 255).all()  # the crop's own pixels, no padding
+    assert resized.sum() == (bottom - top) * (right - left) * 255  # and all of them
 
 
 def test_threshold_rule_takes_the_threshold_that_recovers_the_outline() -> None:

@@ -41,10 +41,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from service.decoding import decode_upload
 from service.manifest import OutputSpec, read_manifest
-from service.pipeline import detect_cervix
-from service.preprocess import crop, crop_box, fit, normalize
+from service.preprocess import crop, fit, normalize
 from training import backbones, device_suite, engine, metrics, presets, reports
 from training import export as export_step
 from training.data.adapters import lesion_outline_extras
@@ -115,9 +113,7 @@ class Views:
 def _inside(crop_width: int, crop_height: int) -> tuple[int, int, int, int]:
     """The crop's pixels in the letterbox, as the service cuts them out (service.pipeline.segment)."""
     _, placement = fit(np.zeros((crop_height, crop_width, 3), np.uint8), SPEC)
-    left, top = round(placement.pad_x), round(placement.pad_y)
-    right = left + max(1, round(crop_width * placement.scale_x))
-    return left, top, right, top + max(1, round(crop_height * placement.scale_y))
+    return placement.interior(crop_width, crop_height)
 
 
 def _view(job: tuple[LabelledImage, int, tuple[int, ...] | None]) -> tuple[np.ndarray, np.ndarray, tuple]:
@@ -172,16 +168,13 @@ def served_views(
     fitted, masks, insides, owners, missed = [], [], [], [], []
     for index, labelled in enumerate(images):
         detector, threshold = detector_of[fold_of[index]]
-        decoded = decode_upload(
-            device_suite.SUITE["as_taken"](labelled.image, index), device_suite.SERVED_DECODE
-        )
-        detection = detect_cervix(detector, decoded, threshold)
-        if detection.box is None:
+        upload = device_suite.SUITE["as_taken"](labelled.image, index)
+        served = device_suite.served_crop(upload, detector, threshold, presets.CROP_MARGIN, quality_side)
+        if served is None:
             missed.append(index)
             continue
-        region = crop_box(detection.box, *decoded.original_size, presets.CROP_MARGIN)
-        crop_rgb = decoded.region(region, quality_side)
-        mask = crop(labelled.labels.lesion_mask, region) * np.uint8(255)  # type: ignore[arg-type]
+        crop_rgb = served.rgb
+        mask = crop(labelled.labels.lesion_mask, served.region) * np.uint8(255)  # type: ignore[arg-type]
         fitted.append(fit(crop_rgb, SPEC)[0])
         masks.append((fit(np.dstack([mask] * 3), SPEC)[0][..., 0] >= 128).astype(np.uint8))
         insides.append(_inside(crop_rgb.shape[1], crop_rgb.shape[0]))
