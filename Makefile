@@ -43,9 +43,10 @@ test-fast: $(DEV_STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 # Train, evaluate and export the four models into models/, each with a copy of its evaluation report
-# (runs/ keeps checkpoints and held-out predictions). The segmenter and the detector go first: severity measures
-# every photo on the exported segmenter's lesion map, cropped by the detector run's fold models (runs/detector).
-MODEL_TASKS := segmenter detector severity quality
+# (runs/ keeps checkpoints and held-out predictions). The detector goes first: the segmenter, severity and quality
+# tasks measure on the crops its fold models take (runs/detector); the segmenter before severity: severity
+# measures every photo on the exported segmenter's lesion map (and on its fold models' for held-out cases).
+MODEL_TASKS := detector segmenter severity quality
 RUNS := runs
 models: $(DEV_STAMP)
 	@set -e; for task in $(MODEL_TASKS); do \

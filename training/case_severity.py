@@ -40,6 +40,10 @@ from training import metrics
 # The served definitions: per-photo measures (the ONNX outputs, in order) and the case features made of them.
 CASE_MEASURES = CASE_FEATURES
 LESION_LEVEL = 0.5  # lesion-map probability that counts as acetowhite
+# A lesion under 1 % of the tissue has no density or margin to speak of. A pixel count would make both jump
+# with the photo's resolution: a 12 MP copy of a photo grew a 0.3 % speck where the 800 px one had none, and
+# its P(CIN2+) went from 0.34 to 0.83 (tests/test_service_api.py, 12-megapixel test).
+MIN_LESION_SHARE = 0.01
 
 
 # --- measured features on one photo: a fixed torch graph, exported as the served ONNX model ---------------
@@ -76,8 +80,9 @@ class SwedeMeasures(nn.Module):
         nan = torch.full_like(n_tissue, float("nan"))
         whiteness = torch.where(n_tissue > 0, _mean(white, tissue), nan)
         area = n_on / n_tissue.clamp(min=1.0)
+        lesion_found = area >= MIN_LESION_SHARE
         density = torch.where(
-            (n_on >= 8) & (n_out > 0), _mean(white, on) - _mean(white, outside), torch.zeros_like(n_on)
+            lesion_found & (n_out > 0), _mean(white, on) - _mean(white, outside), torch.zeros_like(n_on)
         )
         binary = (lesion >= LESION_LEVEL).float()[:, None]
         dilated = F.max_pool2d(binary, 3, stride=1, padding=1)
@@ -85,7 +90,7 @@ class SwedeMeasures(nn.Module):
         border = ((dilated - eroded)[:, 0] > 0) & tissue
         gradient = _sobel_magnitude(white)
         margin = torch.where(
-            (_count(border) >= 8) & (n_tissue > 0),
+            lesion_found & (_count(border) >= 8) & (n_tissue > 0),
             _mean(gradient, border) / (_mean(gradient, tissue) + 1e-3),
             nan,
         )

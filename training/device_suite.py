@@ -26,11 +26,14 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-from service.io.decoding import DecodeLimits
+from service.inference.preprocess import crop_box
+from service.io.decoding import DecodeLimits, decode_upload
+from service.pipeline.stages import RunsModel, detect_cervix
 from service.settings import Settings
 from training.data.degrade import to_linear, to_srgb
 
@@ -50,6 +53,28 @@ def _served_limits() -> DecodeLimits:
 
 # Suite uploads are scored on what `service.io.decoding.decode_upload` makes of them with these limits.
 SERVED_DECODE = _served_limits()
+
+
+@dataclass(frozen=True)
+class ServedCrop:
+    rgb: np.ndarray  # the cervix crop the crop-level models see
+    region: tuple[int, int, int, int]  # in pixels of the upright original
+    original_size: tuple[int, int]
+
+
+def served_crop(
+    data: bytes, detector: RunsModel, threshold: float, margin: float, min_side: int
+) -> ServedCrop | None:
+    """Upload bytes through the service's own chain: decoded as served, boxed by `detector`, the box grown by
+    `margin` and cropped (re-decoded finer where the crop needs `min_side` pixels, as the pipeline does for
+    the quality input). None when the detector finds no cervix (the service asks for a recapture)."""
+    decoded = decode_upload(data, SERVED_DECODE)
+    detection = detect_cervix(detector, decoded, threshold)
+    if detection.box is None:
+        return None
+    region = crop_box(detection.box, *decoded.original_size, margin)
+    return ServedCrop(decoded.region(region, min_side), region, decoded.original_size)
+
 
 PHONE_SIZES = ((4032, 3024), (3264, 2448))
 

@@ -29,7 +29,7 @@ INPUT_SPECS: dict[str, InputSpec] = {
     "quality": InputSpec(name="crop", width=448, height=448, channels=_RGB, resize="letterbox",
                          mean=LITE_MEAN, std=LITE_STD),
     "segmenter": InputSpec(name="crop", width=224, height=224, channels=_RGB, resize="letterbox",
-                           mean=_MEAN, std=_STD),
+                           mean=LITE_MEAN, std=LITE_STD),
     # Same size and letterbox as the segmenter: its probability map is the 4th channel as is. The severity
     # model measures colours and areas (training.case_severity.SwedeMeasures), so every channel is kept 0..1.
     "severity": InputSpec(name="crop", width=224, height=224, channels=(*_RGB, "lesion_probability"),
@@ -62,23 +62,39 @@ class SegmentationSample:
     mask: np.ndarray  # HxW float32 {0,1} at model input size
 
 
-def segmentation_sample(
-    labelled: LabelledImage, rng: np.random.Generator | None, spec: InputSpec = INPUT_SPECS["segmenter"]
-) -> SegmentationSample:
-    """Crop, then letterbox image and mask together (as one 4-band image) so they stay aligned."""
+def segmentation_view(
+    labelled: LabelledImage,
+    rng: np.random.Generator | None,
+    spec: InputSpec = INPUT_SPECS["segmenter"],
+    region: tuple[int, int, int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(letterboxed uint8 RGB, HxW float32 {0,1} mask) at the model input: crop, then letterbox image and
+    mask together (as one 4-band image) so they stay aligned. Training (`rng`) draws random atlas-like
+    marks, flips, jitters the crop box as the detector's boxes scatter and jitters colour; evaluation
+    (rng=None) takes `region` (default: `cervix_region`) as is."""
     if labelled.labels.lesion_mask is None:
         raise ValueError("segmentation needs a lesion mask")
     image = labelled.image
     mask = labelled.labels.lesion_mask
+    region = region or cervix_region(labelled, rng)
     if rng is not None:
         image = draw_random_marks(image, rng)
-        if rng.random() < 0.5:
+        if rng.random() < 0.5:  # the crop box flips with the photo (a cervix off centre stays in it)
             image, mask = image[:, ::-1], mask[:, ::-1]
-    region = cervix_region(labelled, rng)
+            width = image.shape[1]
+            region = (width - region[2], region[1], width - region[0], region[3])
     both = np.dstack([crop(image, region), crop(mask, region) * np.uint8(255)])
     fitted, _ = fit(both, _with_channels(spec, 4))
     rgb = fitted[..., :3] if rng is None else colour_jitter(fitted[..., :3], rng)
-    return SegmentationSample(normalize(rgb, spec)[0], (fitted[..., 3] >= 128).astype(np.float32))
+    return np.ascontiguousarray(rgb), (fitted[..., 3] >= 128).astype(np.float32)
+
+
+def segmentation_sample(
+    labelled: LabelledImage, rng: np.random.Generator | None, spec: InputSpec = INPUT_SPECS["segmenter"]
+) -> SegmentationSample:
+    """`segmentation_view`, normalised as the model takes it."""
+    rgb, mask = segmentation_view(labelled, rng, spec)
+    return SegmentationSample(normalize(rgb, spec)[0], mask)
 
 
 def colour_jitter(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:

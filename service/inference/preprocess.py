@@ -38,6 +38,17 @@ class Placement:
             (y1 - self.pad_y) / self.scale_y,
         )
 
+    def interior(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of a `width` x `height` source's own pixels in the model input (the
+        letterbox without its padding), as whole pixels."""
+        left, top = round(self.pad_x), round(self.pad_y)
+        return (
+            left,
+            top,
+            left + max(1, round(width * self.scale_x)),
+            top + max(1, round(height * self.scale_y)),
+        )
+
     def to_input(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
         x0, y0, x1, y1 = box
         return (

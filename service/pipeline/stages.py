@@ -188,9 +188,7 @@ class Pipeline:
         logits = model.run(normalize(fitted, spec))["lesion_logits"][0, 0]
         channel = np.round(_sigmoid(logits) * 255.0).astype(np.uint8)  # exactly as the severity model trained
         # The crop's own pixels inside the letterbox: area and mask exclude the padding.
-        left, top = round(placement.pad_x), round(placement.pad_y)
-        right = left + max(1, round(crop_rgb.shape[1] * placement.scale_x))
-        bottom = top + max(1, round(crop_rgb.shape[0] * placement.scale_y))
+        left, top, right, bottom = placement.interior(crop_rgb.shape[1], crop_rgb.shape[0])
         inside = channel[top:bottom, left:right]
         threshold = self.rules.lesion * 255.0
         return Lesion(

@@ -19,6 +19,8 @@ from training.data.records import EXAM_STAGES, ImageRecord, LabelledImage, Label
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif"})
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ATLAS = REPO_ROOT.parent / "shared" / "data" / "iarc-atlas"
+# Clinician lesion outlines of some atlas photos, beside the atlas (its README says how they were made).
+DEFAULT_OUTLINES = DEFAULT_ATLAS.parent / "lesion-outlines"
 
 
 def load_record(record: ImageRecord) -> LabelledImage:
@@ -123,6 +125,79 @@ def iarc_atlas(root: Path = DEFAULT_ATLAS, *, remove_marks: bool = True) -> list
                 )
             )
     return records
+
+
+# --- lesion outlines of atlas photos -------------------------------------------------------------
+
+
+def lesion_outlines(
+    root: Path = DEFAULT_OUTLINES, atlas_root: Path = DEFAULT_ATLAS, *, remove_marks: bool = True
+) -> list[ImageRecord]:
+    """Polygon lesion masks traced on atlas photos (`index.csv`: atlas_image, mask, case_id, ...).
+
+    Each record is the atlas photo itself (referenced by path, never copied) with `mask_path` set, so
+    `load()` gives the photo, marks inpainted as `iarc_atlas` does, with its 800x600 mask aligned pixel
+    for pixel. The subject is the atlas case (`iarc-<ID>`, the same subject the atlas records carry, so
+    the fixed real folds apply), the stage comes from the file name (`atlas_stage`: the one
+    higher-magnification photo after acetic acid counts as acetic) and severity from the case histology.
+    Only the acetic-acid masks outline acetowhite epithelium; green-filter ones outline the same lesion
+    under the filter, Lugol's ones the iodine-negative area. Only `poly` outlines are kept: `rect` areas
+    are coarse boxes, not outlines (the folder holds none today).
+    """
+    index = root / "index.csv"
+    if not index.is_file():
+        raise FileNotFoundError(f"lesion outlines not found at {root} (expected index.csv)")
+    severity = {
+        r.subject: r.labels.severity for r in iarc_atlas(atlas_root, remove_marks=False) if r.labels.severity
+    }
+    records = []
+    with index.open(newline="", encoding="utf-8") as stream:
+        for row in csv.DictReader(stream):
+            if row["source_shape"] != "poly":
+                continue
+            photo = atlas_root / row["atlas_image"]
+            subject = f"iarc-{row['case_id']}"
+            if not photo.is_file() or subject not in severity:
+                raise FileNotFoundError(
+                    f"{index}: {row['atlas_image']} is not an atlas photo in {atlas_root}"
+                )
+            labels = Labels(
+                cervix_present=True, severity=severity[subject], exam_stage=atlas_stage(photo.name)
+            )
+            records.append(
+                ImageRecord(
+                    photo,
+                    labels,
+                    subject=subject,
+                    source="lesion-outlines",
+                    mask_path=root / row["mask"],
+                    loader=_load_atlas_without_marks if remove_marks else None,
+                )
+            )
+    return records
+
+
+def lesion_outline_extras(root: Path = DEFAULT_OUTLINES) -> list[ImageRecord]:
+    """The outlined photos of two cancer cases that are not in the atlas copy (`extra/extra_index.csv`):
+    cases of their own, in no real fold. They carry no IARC marks."""
+    index = root / "extra" / "extra_index.csv"
+    if not index.is_file():
+        return []
+    with index.open(newline="", encoding="utf-8") as stream:
+        return [
+            ImageRecord(
+                root / "extra" / row["photo"],
+                Labels(
+                    cervix_present=True,
+                    severity=Severity.HIGH_GRADE,
+                    exam_stage=atlas_stage(row["exam_stage"]),
+                ),
+                subject=f"outlines-{Path(row['photo']).parent.name}",
+                source="lesion-outlines-extra",
+                mask_path=root / "extra" / row["mask"],
+            )
+            for row in csv.DictReader(stream)
+        ]
 
 
 # --- Kaggle Intel-MobileODT cervical cancer screening -------------------------------------------

@@ -10,7 +10,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.data.adapters import DEFAULT_ATLAS, bundled_negatives, iarc_atlas, skimage_negatives
+from training.data.adapters import (
+    DEFAULT_ATLAS,
+    bundled_negatives,
+    iarc_atlas,
+    lesion_outlines,
+    skimage_negatives,
+)
 from training.data.records import ImageRecord
 from training.data.splits import Split, grouped_kfold
 
@@ -30,6 +36,14 @@ class TaskData:
 # Synthetic subject counts per task: enough to train the small models on this 2-core machine in
 # the `make models` budget; the synthetic holdout keeps 2/7 of them (val + test) out of training.
 SYNTHETIC_SUBJECTS = {"detector": 600, "quality": 400, "segmenter": 800, "severity": 0}
+# Atlas cases that show one cervix (near-identical photos, each with its own outline and histology): a task
+# whose photos they share must hold them out together. Each maps to the case whose fold it joins.
+SAME_CERVIX = {"iarc-AACG": "iarc-AAHO"}
+
+
+def outlines_root(atlas_root: Path = DEFAULT_ATLAS) -> Path:
+    """The lesion outlines live beside the atlas they trace (`../shared/data/lesion-outlines`)."""
+    return atlas_root.parent / "lesion-outlines"
 
 
 def task_data(task: str, atlas_root: Path = DEFAULT_ATLAS) -> TaskData:
@@ -55,7 +69,15 @@ def task_data(task: str, atlas_root: Path = DEFAULT_ATLAS) -> TaskData:
             "atlas: sharp sources degraded on the fly + exam stage; synthetic: the same, with exact geometry",
         )
     if task == "segmenter":
-        return TaskData(task, [], synthetic, "synthetic only: the atlas has no pixel masks")
+        root = outlines_root(atlas_root)
+        outlines = lesion_outlines(root, atlas_root) if atlas and (root / "index.csv").is_file() else []
+        return TaskData(
+            task,
+            outlines,
+            synthetic,
+            "atlas: clinician polygon outlines of 65 photos of 27 cases (acetic acid, green filter, Lugol's "
+            "iodine), marks inpainted; synthetic: acetic-acid views with exact lesion masks",
+        )
     # Case level: every staged photo of a graded case (its acetic-acid, saline and iodine views feed the
     # case's features); no synthetic data, since nothing is learned from pixels (training.case_severity).
     staged = [r for r in atlas if r.labels.exam_stage is not None and r.labels.severity is not None]
@@ -92,6 +114,18 @@ def real_fold_of_subject(atlas_root: Path = DEFAULT_ATLAS) -> dict[str, int]:
     return fold_of
 
 
+def fold_of_subject_for(task: str, atlas_root: Path = DEFAULT_ATLAS) -> dict[str, int]:
+    """`real_fold_of_subject`, except that the segmenter, whose photos include both cases of one cervix
+    (SAME_CERVIX), holds them out together: each joins its partner's fold. Every other atlas case keeps
+    its fold, so the segmenter's held-out cases are the other tasks' (AACG moves from fold 2 to 3)."""
+    fold_of = real_fold_of_subject(atlas_root)
+    if task == "segmenter":
+        for subject, partner in SAME_CERVIX.items():
+            if partner in fold_of:
+                fold_of[subject] = fold_of[partner]
+    return fold_of
+
+
 def real_folds(records: list[ImageRecord], fold_of: dict[str, int]) -> list[Split]:
     """The grouped k-fold every real-data metric is reported on, restricted to `records`."""
     folds = [fold_of[r.subject] for r in records]
@@ -120,6 +154,6 @@ def describe(data: TaskData) -> dict[str, object]:
         summary["real_folds"] = [
             {"split": s.name, "train_images": len(s.train), "held_out_images": len(s.val),
              "held_out_subjects": len(s.subjects(subjects, "val"))}
-            for s in real_folds(data.real, real_fold_of_subject())
+            for s in real_folds(data.real, fold_of_subject_for(data.task))
         ]  # fmt: skip
     return summary

@@ -107,7 +107,7 @@ def real_data(task: str, args: argparse.Namespace) -> RealData:
     if args.max_real:
         keep = np.random.default_rng(args.seed).permutation(len(records))[: args.max_real]
         records = [records[i] for i in sorted(keep)]
-    folds = catalog.real_folds(records, catalog.real_fold_of_subject(args.atlas))
+    folds = catalog.real_folds(records, catalog.fold_of_subject_for(task, args.atlas))
     return RealData(records, load_all(records, desc=f"{task}: real"), folds)
 
 

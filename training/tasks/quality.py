@@ -55,10 +55,8 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from service.inference.manifest import OutputSpec
-from service.inference.preprocess import crop, crop_box, fit
-from service.io.decoding import decode_upload
+from service.inference.preprocess import crop, fit
 from service.pipeline import measures
-from service.pipeline.stages import detect_cervix
 from training import backbones, device_suite, engine, metrics, presets, reports
 from training import export as export_step
 from training.data.annotations import draw_random_marks
@@ -457,13 +455,11 @@ def served_pool(
         missed[name] = 0
         for (_, i, v, _, _), (data, frame_extent, kind) in zip(jobs, uploads, strict=True):
             detector, threshold = detectors[fold_of[i]]
-            decoded = decode_upload(data, device_suite.SERVED_DECODE)
-            detection = detect_cervix(detector, decoded, threshold)
-            if detection.box is None:
+            served = device_suite.served_crop(data, detector, threshold, margin, SPEC.width)
+            if served is None:
                 missed[name] += int(v == 0)
                 continue
-            region = crop_box(detection.box, *decoded.original_size, margin)
-            crop_rgb = decoded.region(region, SPEC.width)
+            crop_rgb = served.rgb
             labelled = real.images[i]
             sharp, _, extent = _labels_for(labelled, frame_extent)
             tissue = measures.measure_tissue(crop_rgb, rule)

@@ -381,7 +381,7 @@ def fit_final(
     return case_model, shipped
 
 
-get_step_parser = partial(common.get_step_parser, version="2.0.0")
+get_step_parser = partial(common.get_step_parser, version="2.1.0")
 
 OUTPUTS = (
     OutputSpec(
@@ -455,13 +455,18 @@ def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
         limitations=(
             "44 atlas cases (32 HSIL, 12 LSIL, no normals): held-out case ROC-AUC is not distinguishable "
             "from 0.5 (see metrics), so it must not drive a referral on its own. Shipped because it is the "
-            "simpler of two candidates that both failed to beat chance. The lesion maps come from a "
-            "segmenter trained on synthetic masks."
+            "simpler of two candidates that both failed to beat chance. The lesion maps come from the "
+            "shipped segmenter, which learned from clinician outlines of 65 photos of 27 of these cases: for "
+            "those cases the held-out figures' lesion maps are not held out (which can only flatter them)."
         ),
         changelog=[
             "1.0.0: per-photo 4-channel CNN from scratch with test-time voting.",
             "2.0.0: case level. The ONNX model measures each photo (Swede-style measures, nothing "
             "learned); a logistic regression on cases combines an exam's acetic-acid, saline and iodine "
             "photos. The per-photo CNN and voting are retired.",
+            "2.1.0: the case model refitted on the lesion maps of segmenter 2.0.0 (learned from real "
+            "clinician outlines); acetowhite density and margin only for a lesion of at least 1 % of the "
+            "tissue (a pixel count made them jump with the photo's resolution); threshold re-chosen by the "
+            "same nested rule.",
         ],
     )
