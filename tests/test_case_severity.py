@@ -87,6 +87,17 @@ def test_a_photo_without_a_lesion_border_has_an_undefined_margin_not_a_made_up_o
     assert out[AT["acetowhite_area"]] == 0.0 and out[AT["acetowhite_density"]] == 0.0
 
 
+def test_a_speck_of_lesion_has_no_density_or_margin_so_resolution_cannot_flip_them() -> None:
+    """A lesion under 1 % of the tissue reads as none: a finer copy of a photo can grow such a speck where
+    the coarser one has nothing, and the exam's P(CIN2+) must not jump with it."""
+    rgb = _flat((200, 90, 80))
+    speck = _square_lesion(20, 24)  # 16 px: 0.4 % of a 64 px crop
+    rgb[speck > 0] = (215, 200, 195)
+    out = _measure(rgb, speck)
+    assert 0 < out[AT["acetowhite_area"]] < case_severity.MIN_LESION_SHARE
+    assert out[AT["acetowhite_density"]] == 0.0 and np.isnan(out[AT["margin_sharpness"]])
+
+
 # --- pooling photos into cases ---------------------------------------------------------------------------
 
 

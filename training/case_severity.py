@@ -61,9 +61,9 @@ class SwedeMeasures(nn.Module):
     - whiteness: mean of 1 - HSV saturation over tissue; acetic acid turns red epithelium white, and a ratio
       of channels moves far less with a photo's exposure than brightness does;
     - acetowhite area: share of tissue where the lesion map >= 0.5; density: whiteness inside that area
-      minus outside it (0 when there is no area: no contrast);
+      minus outside it (0 for a lesion under `MIN_LESION_SHARE` of the tissue: no contrast to speak of);
     - margin sharpness: Sobel gradient of whiteness on the lesion border over its mean on the tissue (sharp,
-      raised margins score high: a Swede item);
+      raised margins score high: a Swede item; nan, so imputed, for a lesion under `MIN_LESION_SHARE`);
     - iodine yellow: share of tissue that is mustard-yellow (HSV hue 28-70 degrees, saturated, not dark):
       no iodine uptake after Lugol's (a Swede item); iodine-positive tissue is darker mahogany brown.
     """
