@@ -125,8 +125,8 @@ class ExamOut(BaseModel):
     photos: list[ExamPhotoOut] = Field(description="one per photo, in request order")
     retake: list[RetakeOut] = Field(description="photos to take again, and why")
     review_index: int | None = Field(
-        description="the photo to show a clinician: the sharpest one the diagnosis used (else the sharpest "
-        "usable one)"
+        description="the photo to show a clinician: the sharpest acetic-acid photo the diagnosis used (else "
+        "the sharpest usable one)"
     )
     diagnosis: ExamDiagnosisOut | None
     contact_sheet_jpeg: str | None = Field(
@@ -184,7 +184,7 @@ EXAMPLE_ASSESSMENT = {
     },
     "lesion": None,
     "diagnosis": None,
-    "models": {"detector": "1.0.0", "quality": "1.1.1", "segmenter": "1.0.0", "severity": "1.0.0"},
+    "models": {"detector": "2.0.0", "quality": "3.1.0", "segmenter": "2.0.0", "severity": "2.1.0"},
     "timings_ms": {"decode": 3.1, "detect": 2.6, "quality": 6.0, "total": 12.2},
 }
 
@@ -208,8 +208,8 @@ EXAMPLE_EXAM = {
     ],
     "review_index": 1,
     "diagnosis": {"label": "negative_or_cin1", "probability": 0.12, "referral": False,
-                  "method": "logistic_on_stage_means_of_photo_measures", "photos_used": [1]},
+                  "method": "logistic_on_stage_means_of_photo_measures", "photos_used": [0, 1]},
     "contact_sheet_jpeg": None,
-    "models": {"detector": "2.0.0", "quality": "3.1.0", "segmenter": "1.0.0", "severity": "1.0.0"},
+    "models": {"detector": "2.0.0", "quality": "3.1.0", "segmenter": "2.0.0", "severity": "2.1.0"},
     "timings_ms": {"total": 240.5},
 }  # fmt: skip
