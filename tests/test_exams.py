@@ -15,7 +15,7 @@ from PIL import Image
 
 from service.api.handling import Admission
 from service.app import create_app
-from service.pipeline.exams import EXAM_METHOD
+from service.pipeline.case_risk import METHOD
 from service.render.problems import ProblemError
 from service.render.reasons import ADVICE, Reason
 from service.render.review import outline
@@ -81,7 +81,7 @@ def test_a_full_case_is_assessed_photo_by_photo_and_as_one_exam(client: TestClie
     assert acetic["decision"] == "diagnosis"  # the same photo /v1/assess diagnoses (test_service_api)
     assert body["decision"] == "diagnosis" and body["advice"] is None
     diagnosis = body["diagnosis"]
-    assert diagnosis["method"] == EXAM_METHOD
+    assert diagnosis["method"] == METHOD
     # The saline photo counts now: the case model reads its whiteness (whitening = acetic - saline).
     assert {1, 2} <= set(diagnosis["photos_used"])
     alone = body["photos"][2]["assessment"]["diagnosis"]["probability"]

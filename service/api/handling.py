@@ -16,6 +16,7 @@ import anyio
 import numpy as np
 from fastapi import Request, Response
 from PIL import Image
+from pydantic import BaseModel
 
 from service.inference.runtime import ModelSet
 from service.io.decoding import UploadRejected
@@ -136,12 +137,8 @@ class AssessmentService:
             "reasons": [r.value for r in assessment.reasons],
             "timings_ms": {k: round(v, 2) for k, v in assessment.timings_ms.items()},
         }
-        body = self.to_response(assessment, request.state.request_id, language, review_images)
-        # Serialised here, once: the model was validated on construction, so FastAPI need not do it again.
-        return Response(
-            body.model_dump_json(),
-            media_type="application/json",
-            headers={"Content-Language": language, "Vary": "Accept-Language"},
+        return _json(
+            self.to_response(assessment, request.state.request_id, language, review_images), language
         )
 
     async def handle_exam(self, request: Request, *, language: str, include: set[str]) -> Response:
@@ -192,11 +189,7 @@ class AssessmentService:
             contact_sheet="contact_sheet" in include,
             seconds=seconds,
         )
-        return Response(
-            body.model_dump_json(),
-            media_type="application/json",
-            headers={"Content-Language": language, "Vary": "Accept-Language"},
-        )
+        return _json(body, language)
 
     async def _exam_photo(self, index: int, data: bytes, hint: str | None, include: set[str]) -> ExamPhoto:
         """One photo of an exam; what would be a problem response for a single photo becomes its problem."""
@@ -276,3 +269,12 @@ class AssessmentService:
             models=self.versions,
             timings_ms={k: round(v, 2) for k, v in a.timings_ms.items()},
         )
+
+
+def _json(body: BaseModel, language: str) -> Response:
+    """Serialised here, once: the model was validated on construction, so FastAPI need not do it again."""
+    return Response(
+        body.model_dump_json(),
+        media_type="application/json",
+        headers={"Content-Language": language, "Vary": "Accept-Language"},
+    )

@@ -16,11 +16,8 @@ import numpy as np
 
 from service.pipeline.case_risk import MEASURED_STAGES, METHOD, CaseModel
 from service.pipeline.rules import ACETIC
-from service.pipeline.stages import Assessment
+from service.pipeline.stages import Assessment, Diagnosis
 from service.render.reasons import Reason
-
-# How the exam's CIN2+ probability is made. The response names it, so a client can tell when it changes.
-EXAM_METHOD = METHOD
 
 
 @dataclass(frozen=True)
@@ -59,15 +56,11 @@ class ExamPhoto:
 
 
 @dataclass(frozen=True)
-class ExamDiagnosis:
-    probability: float
-    referral: bool
-    photos_used: list[int]
-    method: str = EXAM_METHOD
+class ExamDiagnosis(Diagnosis):
+    """The patient's diagnosis: the photos it comes from and how they were combined."""
 
-    @property
-    def label(self) -> Literal["cin2plus", "negative_or_cin1"]:
-        return "cin2plus" if self.referral else "negative_or_cin1"
+    photos_used: list[int]
+    method: str = METHOD
 
 
 @dataclass
