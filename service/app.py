@@ -11,12 +11,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from service.api import access
-from service.api.deps import Keys
+from service.api.deps import Keys, require_api_key
+from service.api.draining import DrainRefusedBodies
 from service.api.handling import AssessmentService
 from service.api.routes import api, router
 from service.inference.runtime import load_models
@@ -44,7 +45,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         app.state.ready = False
         app.state.metrics.ready.set(0)
-        await anyio.to_thread.run_sync(service.spare.close)
+        await anyio.to_thread.run_sync(service.close)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -65,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keys = Keys(
         api=access.parse_keys(settings.api_keys), metrics=access.parse_keys(settings.metrics_api_keys)
     )
-    app.include_router(api)
+    app.include_router(api, dependencies=[Depends(require_api_key)] if app.state.keys.api else [])
     app.include_router(router)
     install_problem_handlers(app)
     # Metric labels only ever take these values (or "other"), so a scanner cannot explode cardinality.
@@ -81,6 +82,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type", "Accept-Language"],
             expose_headers=["X-Request-ID", "Retry-After", "Content-Language"],
         )
+    app.add_middleware(
+        DrainRefusedBodies,
+        max_bytes=settings.refused_body_drain_bytes,
+        max_seconds=settings.refused_body_drain_s,
+    )
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics, known_paths=known_paths)
 
     def openapi() -> dict[str, Any]:

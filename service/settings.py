@@ -93,6 +93,17 @@ class Settings(BaseSettings):
     upload_timeout_s: float = Field(
         default=30.0, gt=0, description="a request body not received within this gets 408"
     )
+    refused_body_drain_bytes: int = Field(
+        default=1024 * 1024 * 1024,
+        ge=0,
+        description="after refusing a request (413, 401, 503...), read and discard up to this much of the "
+        "body the client is still sending, so it sees the answer, not a reset; past it the connection closes",
+    )
+    refused_body_drain_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="...and for at most this long, as nginx's lingering_time (a slow sender is cut off)",
+    )
     min_image_side: int = Field(default=64, ge=1, description="images with a shorter side get 422")
     decode_min_side: int = Field(
         default=320,

@@ -60,6 +60,11 @@ class Metrics:
             "cervigate_rejected", "Requests refused, by problem code (overloaded = load shedding)", ["cause"],
             registry=r,
         )  # fmt: skip
+        self.dropped = Counter(
+            "cervigate_work_dropped",
+            "Photos whose deadline passed before a compute slot was free: their work never started",
+            registry=r,
+        )
         self.model_info = Gauge(
             "cervigate_model_info", "Loaded models (value 1)", ["model", "version"], registry=r
         )

@@ -102,3 +102,20 @@ def test_key_parsing() -> None:
         access.parse_keys(["sha256:abc"])
     with pytest.raises(ValueError, match="64 hex digits"):
         access.parse_keys(["sha256:" + "zz" * 32])
+
+
+def test_the_schema_shows_the_key_schemes_only_when_keys_are_configured(client: TestClient) -> None:
+    secured = client.get("/openapi.json").json()
+    schemes = secured["components"]["securitySchemes"]
+    assert schemes["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": schemes["bearer"]["description"],
+    }
+    assert schemes["apiKey"]["in"] == "header" and schemes["apiKey"]["name"] == "X-API-Key"
+    for path in ("/v1/assess", "/v1/quality", "/v1/exams"):
+        assert {"bearer": []} in secured["paths"][path]["post"]["security"], path
+    assert "security" not in secured["paths"]["/healthz"]["get"]
+    open_schema = create_app(Settings()).openapi()  # no keys: nothing to authorise
+    assert "securitySchemes" not in open_schema.get("components", {})
+    assert "security" not in open_schema["paths"]["/v1/assess"]["post"]

@@ -20,7 +20,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.inference.manifest import ModelIntegrityError, read_manifest
-from service.inference.runtime import MODEL_NAMES
+from service.inference.runtime import MODEL_NAMES, ModelConfigurationError
 from service.pipeline.stages import Detection
 from service.render.reasons import ADVICE, MESSAGES
 from service.settings import REPO_MODELS_DIR, Settings
@@ -489,6 +489,51 @@ def test_tampered_model_stops_startup(tmp_path: Path) -> None:
     with (
         pytest.raises(ModelIntegrityError, match="quality"),
         TestClient(create_app(Settings(models_dir=models))),
+    ):
+        pass
+
+
+def _models_with_quality_manifest(tmp_path: Path, **changes: object) -> Path:
+    models = tmp_path / "models"
+    shutil.copytree(REPO_MODELS_DIR, models, ignore=shutil.ignore_patterns("report"))
+    path = models / "quality" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = manifest
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path.write_text(json.dumps(manifest))
+    return models
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"labels__stage_logits": ["acetic_acid", "saline", "iodine", "green"]}, "stage_logits.*including"),
+        ({"labels__stage_logits": ["acetic", "saline", "iodine"]}, "stage_logits.*one label per logit"),
+        ({"labels__blur_kind_logits": ["none", "defocus", "shake"]}, "blur_kind_logits"),
+        ({"extra__min_cervix_px": None}, "min_cervix_px"),
+    ],
+)
+def test_a_manifest_the_service_cannot_answer_from_stops_startup(
+    tmp_path: Path, change: dict[str, object], message: str
+) -> None:
+    """Caught before the first request: otherwise every request would fail on the same inconsistency."""
+    models = _models_with_quality_manifest(tmp_path, **change)
+    with (
+        pytest.raises(ModelConfigurationError, match=message),
+        TestClient(create_app(Settings(models_dir=models))),
+    ):
+        pass
+
+
+def test_a_cervix_floor_below_the_quality_models_stops_startup() -> None:
+    floor = read_manifest(REPO_MODELS_DIR / "quality").extra["min_cervix_px"]
+    with (
+        pytest.raises(ModelConfigurationError, match="MIN_CERVIX_CROP_PX"),
+        TestClient(create_app(Settings(min_cervix_crop_px=int(floor) - 1))),
     ):
         pass
 

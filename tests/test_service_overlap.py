@@ -111,12 +111,24 @@ def test_overlapped_stages_give_the_sequential_answer(
 
 
 def test_a_recapture_drops_the_early_segmentation_and_frees_its_slot(
-    overlapping: tuple[Pipeline, threading.BoundedSemaphore], atlas_root: Path
+    overlapping: tuple[Pipeline, threading.BoundedSemaphore],
+    atlas_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     pipeline, slots = overlapping
+    submitted: list[object] = []
+    try_submit = pipeline.spare.try_submit
+
+    def recording_submit(task: object) -> object:
+        future = try_submit(task)  # type: ignore[arg-type]
+        submitted.append(future)
+        return future
+
+    monkeypatch.setattr(pipeline.spare, "try_submit", recording_submit)
     iodine = sorted(atlas_root.glob("images_*/case_*/*iodine*.jpg"))[0].read_bytes()
     result = _assess_holding_a_slot(pipeline, slots, iodine)
     assert result.decision == "recapture" and result.lesion is None and "segment" not in result.timings_ms
+    assert any(future is not None for future in submitted), "no early segmentation ran on the spare slot"
     deadline = time.monotonic() + 5
     while not _all_free(slots, 2) and time.monotonic() < deadline:  # the dropped segmentation finishing
         time.sleep(0.01)

@@ -11,8 +11,6 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 
-from fastapi import Request
-
 from service.render.problems import ProblemError
 
 _PREFIX = "sha256:"
@@ -41,15 +39,6 @@ def parse_keys(entries: Iterable[str]) -> tuple[bytes, ...]:
     return tuple(digests)
 
 
-def presented_key(request: Request) -> str | None:
-    """`Authorization: Bearer <key>` or `X-API-Key: <key>`."""
-    authorization = request.headers.get("authorization", "")
-    scheme, _, credentials = authorization.partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
-        return credentials.strip()
-    return request.headers.get("x-api-key") or None
-
-
 def matches(key: str, digests: tuple[bytes, ...]) -> bool:
     candidate = digest(key)
     found = False
@@ -62,9 +51,8 @@ def _unauthorised(code: str, detail: str) -> ProblemError:
     return ProblemError(401, code, detail, {"WWW-Authenticate": 'Bearer realm="cervigate"'})
 
 
-def check(request: Request, allowed: tuple[bytes, ...], also_known: tuple[bytes, ...] = ()) -> None:
-    """401 unless the request carries one of `allowed`; 403 for a key that is only in `also_known`."""
-    key = presented_key(request)
+def check(key: str | None, allowed: tuple[bytes, ...], also_known: tuple[bytes, ...] = ()) -> None:
+    """401 unless the request carried one of `allowed`; 403 for a key that is only in `also_known`."""
     if key is None:
         raise _unauthorised("missing_api_key", "send your API key as 'Authorization: Bearer <key>'")
     if matches(key, allowed):

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, Query, Request
+from fastapi import Depends, Header, Query, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api import access
 from service.api.handling import AssessmentService
@@ -29,8 +30,9 @@ class Keys:
 def get_service(request: Request) -> AssessmentService:
     service: AssessmentService | None = getattr(request.app.state, "service", None)
     if service is None or not request.app.state.ready:
+        retry_after = str(request.app.state.settings.retry_after_s)
         raise ProblemError(
-            503, "not_ready", "the models are still loading; retry shortly", {"Retry-After": "1"}
+            503, "not_ready", "the models are still loading; retry shortly", {"Retry-After": retry_after}
         )
     return service
 
@@ -62,16 +64,37 @@ def get_exam_include(
     return set(include.split(",")) if include else set()
 
 
-def require_api_key(request: Request) -> None:
-    keys: Keys = request.app.state.keys
-    if keys.api:
-        access.check(request, keys.api)
+# The two ways a client may send its key, as OpenAPI security schemes: /docs then offers "Authorize" and
+# generated clients know where the key goes. Neither refuses by itself; `require_*` decide.
+bearer_scheme = HTTPBearer(
+    auto_error=False, scheme_name="bearer", description="`Authorization: Bearer <key>`: the clinic's API key"
+)
+api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, scheme_name="apiKey", description="the same key as a header"
+)
 
 
-def require_metrics_key(request: Request) -> None:
+def presented_key(
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
+    header: Annotated[str | None, Security(api_key_header)],
+) -> str | None:
+    if bearer is not None and bearer.credentials.strip():
+        return bearer.credentials.strip()
+    return header or None
+
+
+PresentedKey = Annotated[str | None, Depends(presented_key)]
+
+
+def require_api_key(request: Request, key: PresentedKey) -> None:
+    """Attached to /v1/* only when keys are configured (service.app), so the schema shows it only then."""
+    access.check(key, request.app.state.keys.api)
+
+
+def require_metrics_key(request: Request, key: PresentedKey) -> None:
     keys: Keys = request.app.state.keys
     if keys.metrics:
-        access.check(request, keys.metrics, also_known=keys.api)
+        access.check(key, keys.metrics, also_known=keys.api)
 
 
 ServiceDep = Annotated[AssessmentService, Depends(get_service)]

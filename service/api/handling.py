@@ -4,13 +4,15 @@ worker thread, and the response body.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from functools import partial
+from typing import Any, TypeVar
 
 import anyio
 import numpy as np
@@ -20,7 +22,7 @@ from pydantic import BaseModel
 
 from service.inference.runtime import ModelSet
 from service.io.decoding import UploadRejected
-from service.io.uploads import describe_size, read_exam, read_image
+from service.io.uploads import Photo, describe_size, read_exam, read_image
 from service.pipeline.exams import ExamPhoto, PartProblem, summarise
 from service.pipeline.rules import ACETIC
 from service.pipeline.spare import SpareCores
@@ -33,37 +35,50 @@ from service.render.schemas import AssessmentOut, CervixOut, DiagnosisOut, Lesio
 from service.settings import Settings
 from service.telemetry import Metrics
 
+T = TypeVar("T")
+
+
+class DeadlinePassed(Exception):
+    """The request's deadline passed before a compute slot was free: its work was dropped unstarted."""
+
 
 class Admission:
-    """Bounds admitted requests (reading, queued and running); beyond the bound, sheds load with 503."""
+    """Bounds admitted work (reading, queued and running); beyond the bound, sheds load with 503.
+
+    A request's units come back only when its work has really finished: a request abandoned at its deadline
+    while its pipeline runs still counts until that pipeline ends, so `max_inflight` bounds the work, not
+    only the waiting. Worker threads release units, hence the lock."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.max_inflight, self.retry_after = settings.max_inflight, settings.retry_after_s
         self.metrics = metrics
-        self.inflight = 0  # one event loop: no lock needed
+        self.inflight = 0
+        self._lock = threading.Lock()
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[Ticket]:
         """One admitted request; an exam then grows its ticket to count every photo."""
-        if self.inflight >= self.max_inflight:
-            raise self._overloaded()
-        ticket = Ticket(weight=1)
-        self._add(1)
+        with self._lock:
+            if self.inflight >= self.max_inflight:
+                raise self._overloaded()
+            self._add(1)
+        ticket = Ticket(self, weight=1)
         try:
             yield ticket
         finally:
-            self._add(-ticket.weight)
+            ticket.close()
 
     def grow(self, ticket: Ticket, extra: int) -> None:
         """Count `extra` more units of work for an admitted request, or shed it. A request that is alone
         is always let through, so an exam larger than `max_inflight` still runs on an idle service."""
-        alone = self.inflight == ticket.weight
-        if extra > 0 and self.inflight + extra > self.max_inflight and not alone:
-            raise self._overloaded()
-        ticket.weight += extra
-        self._add(extra)
+        with self._lock:
+            alone = self.inflight == ticket.weight
+            if extra > 0 and self.inflight + extra > self.max_inflight and not alone:
+                raise self._overloaded()
+            ticket.weight += extra
+            self._add(extra)
 
-    def _add(self, count: int) -> None:
+    def _add(self, count: int) -> None:  # under the lock
         self.inflight += count
         self.metrics.inflight.inc(count)
 
@@ -76,11 +91,36 @@ class Admission:
         )
 
 
-@dataclass
 class Ticket:
-    """What one admitted request counts against `max_inflight`: 1, or an exam's photos."""
+    """What one admitted request counts against `max_inflight` (1, or an exam's photos), held until the
+    request is answered and every piece of work it submitted has finished or was dropped unstarted."""
 
-    weight: int
+    def __init__(self, admission: Admission, weight: int) -> None:
+        self.weight = weight
+        self._admission = admission
+        self._jobs = 0
+        self._closed = False
+
+    def hold_until_done(self, job: Future[Any]) -> None:
+        with self._admission._lock:
+            self._jobs += 1
+        job.add_done_callback(self._job_done)  # runs in the worker thread, or here if already done
+
+    def close(self) -> None:
+        """The request is answered; its units come back now, or when its last job ends."""
+        with self._admission._lock:
+            self._closed = True
+            self._release_if_idle()
+
+    def _job_done(self, _: Future[Any]) -> None:
+        with self._admission._lock:
+            self._jobs -= 1
+            self._release_if_idle()
+
+    def _release_if_idle(self) -> None:  # under the lock
+        if self._closed and self._jobs == 0 and self.weight:
+            self._admission._add(-self.weight)
+            self.weight = 0
 
 
 class AssessmentService:
@@ -89,7 +129,8 @@ class AssessmentService:
     def __init__(self, settings: Settings, models: ModelSet, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
         self.admission = Admission(settings, metrics)
-        self.limiter = anyio.CapacityLimiter(settings.inference_workers)
+        # The queue for compute: a job still queued at its deadline is cancelled there and never runs.
+        self.workers = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="cervigate-worker")
         self.compute_slots = threading.BoundedSemaphore(settings.inference_workers)
         self.spare = SpareCores(
             self.compute_slots if settings.overlap_stages and settings.inference_workers > 1 else None,
@@ -112,18 +153,45 @@ class AssessmentService:
         self.pipeline.classify(self.pipeline.measure(lesion.fitted_rgb, lesion.lesion_channel))
         self.pipeline.measure_unstained(photo)
 
+    def close(self) -> None:
+        """Shutdown: let the work already started finish."""
+        self.workers.shutdown(wait=True, cancel_futures=True)
+        self.spare.close()
+
+    async def compute(self, ticket: Ticket, work: Callable[[], T]) -> T:
+        """`work` on a worker thread within the request deadline, else TimeoutError.
+
+        Work that has not started by its deadline never starts (nobody waits for its answer). Work that
+        has started cannot be interrupted: it finishes on its own, and its ticket stays held until then."""
+        deadline = time.monotonic() + self.settings.request_deadline_s
+        job = self.workers.submit(self._on_compute_slot, work, deadline)
+        job.add_done_callback(self._count_dropped)
+        ticket.hold_until_done(job)
+        with anyio.fail_after(self.settings.request_deadline_s):
+            return await asyncio.wrap_future(job)  # cancelling it cancels a job still queued
+
+    def _on_compute_slot(self, work: Callable[[], T], deadline: float) -> T:
+        # A spare-core task may hold a slot for a few ms; the job then waits for it, up to its deadline.
+        if not self.compute_slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise DeadlinePassed
+        try:
+            if time.monotonic() >= deadline:
+                raise DeadlinePassed
+            return work()
+        finally:
+            self.compute_slots.release()
+
+    def _count_dropped(self, job: Future[Any]) -> None:
+        if job.cancelled() or isinstance(job.exception(), DeadlinePassed):
+            self.metrics.dropped.inc()
+
     async def handle(self, request: Request, *, diagnose: bool, language: str, include: set[str]) -> Response:
-        async with self.admission.slot():
-            data = await read_image(request, self.settings.max_upload_bytes, self.settings.upload_timeout_s)
-            run = partial(self.assess_and_render, data, diagnose=diagnose, include=include)
+        async with self.admission.slot() as ticket:
+            photo = await read_image(request, self.settings.max_upload_bytes, self.settings.upload_timeout_s)
+            run = partial(self._assess_and_render, photo, diagnose=diagnose, include=include, stage=ACETIC)
             try:
-                with anyio.fail_after(self.settings.request_deadline_s):
-                    # Abandoned on timeout: the thread cannot be interrupted and finishes on its own; anyio
-                    # then frees its limiter token, so the thread holds a compute slot of its own (below).
-                    assessment, review_images = await anyio.to_thread.run_sync(
-                        run, limiter=self.limiter, abandon_on_cancel=True
-                    )
-            except TimeoutError as error:
+                assessment, review_images = await self.compute(ticket, run)
+            except (TimeoutError, DeadlinePassed) as error:
                 raise ProblemError(
                     504,
                     "deadline_exceeded",
@@ -152,8 +220,8 @@ class AssessmentService:
             # One photo after another: each gets the single-photo deadline from its turn, and an exam never
             # holds more than one compute slot (a spare core still overlaps a photo's own stages).
             photos = [
-                await self._exam_photo(index, data, hint, include)
-                for index, (data, hint) in enumerate(zip(upload.photos, upload.stage_hints, strict=True))
+                await self._exam_photo(ticket, index, photo, hint, include)
+                for index, (photo, hint) in enumerate(zip(upload.photos, upload.stage_hints, strict=True))
             ]
         refused = [p.problem for p in photos if p.problem is not None]
         if len(refused) == len(photos):  # nothing in it could be read: the request is bad as a whole
@@ -191,41 +259,31 @@ class AssessmentService:
         )
         return _json(body, language)
 
-    async def _exam_photo(self, index: int, data: bytes, hint: str | None, include: set[str]) -> ExamPhoto:
+    async def _exam_photo(
+        self, ticket: Ticket, index: int, photo: Photo, hint: str | None, include: set[str]
+    ) -> ExamPhoto:
         """One photo of an exam; what would be a problem response for a single photo becomes its problem."""
-        if not data:
+        if not photo.size:
             return ExamPhoto(index, hint, problem=PartProblem(400, "empty_upload", "the photo is empty"))
-        if len(data) > self.settings.max_upload_bytes:
+        if photo.size > self.settings.max_upload_bytes:
             limit = describe_size(self.settings.max_upload_bytes)
             detail = f"the photo is over {limit}; send a smaller photo"
             return ExamPhoto(index, hint, problem=PartProblem(413, "upload_too_large", detail))
-        run = partial(self.assess_and_render, data, diagnose=True, include=include, stage=hint)
+        run = partial(self._assess_and_render, photo, diagnose=True, include=include, stage=hint)
         try:
-            with anyio.fail_after(self.settings.request_deadline_s):
-                assessment, images = await anyio.to_thread.run_sync(
-                    run, limiter=self.limiter, abandon_on_cancel=True
-                )
+            assessment, images = await self.compute(ticket, run)
         except UploadRejected as error:
             return ExamPhoto(index, hint, problem=PartProblem(error.status, error.code, str(error)))
-        except TimeoutError:
+        except (TimeoutError, DeadlinePassed):
             detail = f"no answer within {self.settings.request_deadline_s:g} s; take the photo again"
             return ExamPhoto(index, hint, problem=PartProblem(504, "deadline_exceeded", detail))
         return ExamPhoto(index, hint, assessment=assessment, review_images=images)
 
-    def assess_and_render(
-        self, data: bytes, *, diagnose: bool, include: set[str], stage: str | None = ACETIC
-    ) -> tuple[Assessment, dict]:
-        """The pipeline, then the review images asked for: all CPU work, run in a worker thread.
-
-        The compute slot is held by the thread itself, so requests abandoned at their deadline still count
-        against `inference_workers` until their work is really done."""
-        with self.compute_slots:
-            return self._assess_and_render(data, diagnose=diagnose, include=include, stage=stage)
-
     def _assess_and_render(
-        self, data: bytes, *, diagnose: bool, include: set[str], stage: str | None
+        self, photo: Photo, *, diagnose: bool, include: set[str], stage: str | None
     ) -> tuple[Assessment, dict]:
-        assessment = self.pipeline.assess(data, diagnose=diagnose, stage=stage)
+        """The pipeline, then the review images asked for: all CPU work, run on a compute slot."""
+        assessment = self.pipeline.assess(photo.data(), diagnose=diagnose, stage=stage)
         images: dict[str, str] = {}
         lesion, crop_rgb, threshold = assessment.lesion, assessment.crop_rgb, self.pipeline.rules.lesion
         if lesion is not None and crop_rgb is not None:

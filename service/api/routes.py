@@ -14,7 +14,6 @@ from service.api.deps import (
     IncludeDep,
     LanguageDep,
     ServiceDep,
-    require_api_key,
     require_metrics_key,
 )
 from service.io.uploads import IMAGE_FIELD, STAGE_HINTS, STAGES_FIELD
@@ -133,7 +132,7 @@ _EXAMPLE_RESPONSE: dict[int | str, dict[str, Any]] = {
 
 
 router = APIRouter()  # open: health, readiness, metrics (metrics has its own key check)
-api = APIRouter(dependencies=[Depends(require_api_key)])  # /v1/*: API keys when configured
+api = APIRouter()  # /v1/*: service.app adds the API-key check when keys are configured
 
 
 @api.post(

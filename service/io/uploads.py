@@ -1,20 +1,23 @@
 """Read the photo out of a request: multipart field `image`, or a raw `image/*` body; or an exam's photos
 (`image` repeated, with an optional `stages` field).
 
-The body is read into memory with a hard size limit and parsed there: Starlette's form parser would
-spool files over 1 MB to a temporary file, and patient photos must never touch the disk.
+The body is parsed as it streams in, chunk by chunk, with hard limits on its size and its parts: the event
+loop never spends more than a chunk's worth of parsing at a time (a 20 MB upload parsed in one go stalled it
+for 23 ms), and nothing is spooled to a temporary file, so patient photos never touch the disk. A photo's
+chunks are joined only in the worker thread (`Photo.data`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import get_args
 
 import anyio
 from fastapi import Request
-from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import Field, File, FormParser, parse_options_header
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from service.render.problems import ProblemError
@@ -25,31 +28,43 @@ STAGES_FIELD = "stages"
 STAGE_HINTS: tuple[str, ...] = get_args(StageName)
 AUTO_STAGE = "auto"
 MAX_PARTS = 16  # a photo upload has one or two parts; thousands of tiny ones are an attack on the parser
+MAX_FIELD_BYTES = 4096  # a non-file field (the stages list) is a short string
 _RAW_TYPES = ("application/octet-stream",)
 # The parser logs client-supplied header text at warning level; the service logs its own, sanitised, line.
 logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 
-async def read_image(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+@dataclass
+class Photo:
+    """One photo's bytes as they arrived."""
+
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+    def data(self) -> bytes:
+        """The photo as one bytes object: a copy of it all, so call it on a worker thread."""
+        return b"".join(self.chunks)
+
+
+async def read_image(request: Request, max_bytes: int, timeout_s: float) -> Photo:
     media_type, params = _accepted_type(request, multipart_only=False)
-    body = await _read_in_time(request, max_bytes, timeout_s)
-    # Parsed on the event loop: the body is in memory and at most MAX_PARTS parts are read, so the pure-Python
-    # header parsing is bounded (~0.1 ms for a photo); a thread hop would cost more than it saves.
     if media_type == b"multipart/form-data":
-        form = _parse_form(body, media_type, params, max_bytes, max_images=1, max_parts=MAX_PARTS)
-        data = _only_image(form)
+        form = _StreamingForm(params, max_images=1, max_parts=MAX_PARTS)
+        await _read_in_time(request, max_bytes, timeout_s, form.feed)
+        photo = _only_image(form.finish())
     else:
-        data = body
-    if not data:
+        photo = Photo()
+        await _read_in_time(request, max_bytes, timeout_s, _appending_to(photo))
+    if not photo.size:
         raise ProblemError(400, "empty_upload", "the image is empty: attach the photo")
-    return data
+    return photo
 
 
 @dataclass(frozen=True)
 class ExamUpload:
     """An exam's photos in request order, each with the stage the client says it shows (None: not said)."""
 
-    photos: list[bytes]
+    photos: list[Photo]
     stage_hints: list[str | None]
 
 
@@ -57,14 +72,13 @@ async def read_exam(request: Request, max_bytes: int, max_photos: int, timeout_s
     """Up to `max_photos` photos as repeated `image` parts, and an optional `stages` field: one stage per
     photo, comma-separated, in the same order (acetic, saline, iodine, green, or auto / empty for "not
     said"). Empty or oversize photos are left for the caller to refuse one by one."""
-    media_type, params = _accepted_type(request, multipart_only=True)
-    body = await _read_in_time(request, max_bytes, timeout_s)
-    form = _parse_form(
-        body, media_type, params, max_bytes, max_images=max_photos, max_parts=max_photos + MAX_PARTS
-    )
-    if not form.images:
-        raise _missing_image(form)
-    return ExamUpload(form.images, _stage_hints(form.fields.get(STAGES_FIELD), len(form.images)))
+    _, params = _accepted_type(request, multipart_only=True)
+    form = _StreamingForm(params, max_images=max_photos, max_parts=max_photos + MAX_PARTS)
+    await _read_in_time(request, max_bytes, timeout_s, form.feed)
+    parts = form.finish()
+    if not parts.images:
+        raise _missing_image(parts)
+    return ExamUpload(parts.images, _stage_hints(parts.fields.get(STAGES_FIELD), len(parts.images)))
 
 
 def _stage_hints(values: list[bytes] | None, count: int) -> list[str | None]:
@@ -104,10 +118,12 @@ def _accepted_type(request: Request, *, multipart_only: bool) -> tuple[bytes, di
     return media_type, params
 
 
-async def _read_in_time(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+async def _read_in_time(
+    request: Request, max_bytes: int, timeout_s: float, consume: Callable[[bytes], None]
+) -> None:
     try:
         with anyio.fail_after(timeout_s):
-            return await _read_body(request, max_bytes)
+            await _read_body(request, max_bytes, consume)
     except TimeoutError as error:
         message = f"the photo did not arrive within {timeout_s:g} s; send it again"
         raise ProblemError(408, "upload_timeout", message) from error
@@ -117,17 +133,25 @@ async def _read_in_time(request: Request, max_bytes: int, timeout_s: float) -> b
         ) from error
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
+async def _read_body(request: Request, max_bytes: int, consume: Callable[[bytes], None]) -> None:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
-    chunks, size = [], 0
+    size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
             raise _too_large(max_bytes)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        if chunk:
+            consume(chunk)
+
+
+def _appending_to(photo: Photo) -> Callable[[bytes], None]:
+    def append(chunk: bytes) -> None:
+        photo.chunks.append(chunk)
+        photo.size += len(chunk)
+
+    return append
 
 
 def _too_large(max_bytes: int) -> ProblemError:
@@ -141,68 +165,106 @@ def describe_size(size: int) -> str:
 
 @dataclass
 class _Form:
-    images: list[bytes]
-    fields: dict[str, list[bytes]]  # other parts without a file name, every value in order
-    names: list[str]  # the first few part names, for error messages
+    images: list[Photo] = field(default_factory=list)
+    fields: dict[str, list[bytes]] = field(default_factory=dict)  # parts without a file name, in order
+    names: list[str] = field(default_factory=list)  # the first few part names, for error messages
 
 
-def _parse_form(
-    body: bytes,
-    media_type: bytes,
-    params: dict[bytes, bytes],
-    max_bytes: int,
-    *,
-    max_images: int,
-    max_parts: int,
-) -> _Form:
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise ProblemError(400, "malformed_multipart", "the multipart content type has no boundary")
-    form = _Form(images=[], fields={}, names=[])
-    count = [0]
-    ended = [False]
+class _StreamingForm:
+    """multipart/form-data parsed chunk by chunk as it arrives: `image` parts become `Photo`s (their data
+    kept as the parser hands it over, never copied whole), other parts without a file name become short
+    fields, anything else is skipped."""
 
-    def part(name: str, value: bytes, is_file: bool) -> None:
-        count[0] += 1
-        if len(form.names) < 5:
-            form.names.append(name)
-        if count[0] > max_parts:
-            raise ProblemError(400, "malformed_multipart", f"more than {max_parts} parts in the form")
+    def __init__(self, params: dict[bytes, bytes], *, max_images: int, max_parts: int) -> None:
+        boundary = params.get(b"boundary")
+        if not boundary:
+            raise ProblemError(400, "malformed_multipart", "the multipart content type has no boundary")
+        self.max_images, self.max_parts = max_images, max_parts
+        self.form = _Form()
+        self._parts = 0
+        self._ended = False
+        self._header_name: list[bytes] = []
+        self._header_value: list[bytes] = []
+        self._disposition = b""
+        self._sink: Callable[[bytes], None] | None = None
+        self._field_name = ""
+        self._field: list[bytes] | None = None
+        callbacks = {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda data, start, end: self._header_name.append(data[start:end]),
+            "on_header_value": lambda data, start, end: self._header_value.append(data[start:end]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+        try:
+            self._parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        except (MultipartParseError, ValueError) as error:
+            raise ProblemError(400, "malformed_multipart", "the multipart boundary is not valid") from error
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self._parser.write(chunk)
+        except (MultipartParseError, ValueError) as error:
+            # The parser's message can quote client headers (file names): keep it out of the response.
+            raise ProblemError(400, "malformed_multipart", "the multipart body cannot be parsed") from error
+
+    def finish(self) -> _Form:
+        if not self._ended:
+            raise ProblemError(
+                400, "malformed_multipart", "the multipart body ends before its closing boundary"
+            )
+        return self.form
+
+    def _part_begin(self) -> None:
+        self._parts += 1
+        if self._parts > self.max_parts:
+            raise ProblemError(400, "malformed_multipart", f"more than {self.max_parts} parts in the form")
+        self._disposition, self._sink, self._field = b"", None, None
+
+    def _header_end(self) -> None:
+        if b"".join(self._header_name).lower() == b"content-disposition":
+            self._disposition = b"".join(self._header_value)
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        name = options.get(b"name", b"").decode("latin-1")
+        if len(self.form.names) < 5:
+            self.form.names.append(name)
         if name == IMAGE_FIELD:
-            if len(form.images) == max_images:
-                raise _too_many_images(max_images)
-            form.images.append(value)
-        elif not is_file:
-            form.fields.setdefault(name, []).append(value)
+            if len(self.form.images) == self.max_images:
+                raise _too_many_images(self.max_images)
+            photo = Photo()
+            self.form.images.append(photo)
+            self._sink = _appending_to(photo)
+        elif b"filename" not in options:
+            self._field_name, self._field = name, []
+            self._sink = self._field_data
 
-    def on_field(field: Field) -> None:  # a part without a filename
-        part((field.field_name or b"").decode("latin-1"), field.value or b"", is_file=False)
+    def _field_data(self, data: bytes) -> None:
+        assert self._field is not None
+        self._field.append(data)
+        if sum(map(len, self._field)) > MAX_FIELD_BYTES:
+            raise ProblemError(400, "malformed_multipart", f"a form field is over {MAX_FIELD_BYTES} bytes")
 
-    def on_file(file: File) -> None:
-        file.file_object.seek(0)
-        part((file.field_name or b"").decode("latin-1"), file.file_object.read(), is_file=True)
-        file.close()
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._sink is not None and end > start:
+            self._sink(data[start:end])
 
-    def on_end() -> None:
-        ended[0] = True
+    def _part_end(self) -> None:
+        if self._field is not None:
+            self.form.fields.setdefault(self._field_name, []).append(b"".join(self._field))
+        self._sink, self._field = None, None
 
-    # The whole body is already in memory and bounded, so the parser may keep every part in memory too.
-    config = {"MAX_MEMORY_FILE_SIZE": max_bytes + 1, "MAX_BODY_SIZE": max_bytes, "UPLOAD_DIR": None}
-    try:
-        parser = FormParser(
-            media_type.decode("latin-1"), on_field, on_file, on_end=on_end, boundary=boundary, config=config
-        )
-        parser.write(body)
-        parser.finalize()
-    except (FormParserError, ValueError) as error:
-        # The parser's message can quote client headers (file names): keep it out of the response.
-        raise ProblemError(400, "malformed_multipart", "the multipart body cannot be parsed") from error
-    if not ended[0]:
-        raise ProblemError(400, "malformed_multipart", "the multipart body ends before its closing boundary")
-    return form
+    def _end(self) -> None:
+        self._ended = True
 
 
-def _only_image(form: _Form) -> bytes:
+def _only_image(form: _Form) -> Photo:
     if not form.images:
         raise _missing_image(form)
     return form.images[0]

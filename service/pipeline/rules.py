@@ -5,11 +5,13 @@ settings), and the pure functions that turn stage outputs into recapture reasons
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
+from service.inference.manifest import Manifest
 from service.inference.runtime import ModelConfigurationError, ModelSet
 from service.pipeline import measures
 from service.render.reasons import Reason
+from service.render.schemas import BlurKind, StageName
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -46,12 +48,7 @@ class Rules:
                 "the quality manifest has no extra.exposure_measure (tissue ellipse, saturation level): "
                 "re-export it with `python -m training export quality`"
             )
-        min_crop_px = settings.min_cervix_crop_px or models.quality.manifest.extra.get("min_cervix_px")
-        if not isinstance(min_crop_px, int):
-            raise ModelConfigurationError(
-                "the quality manifest has no extra.min_cervix_px (the smallest cervix it can judge): "
-                "re-export it with `python -m training export quality`, or set CERVIGATE_MIN_CERVIX_CROP_PX"
-            )
+        min_crop_px = _min_crop_px(models.quality.manifest, settings.min_cervix_crop_px)
         focus_key = "not_sharp_balanced" if settings.focus_operating_point == "balanced" else "not_sharp"
         return cls(
             cervix_present=models.detector.manifest.thresholds["cervix_present"],
@@ -72,9 +69,44 @@ class Rules:
             min_area_fraction=settings.min_cervix_area_fraction,
             min_crop_px=min_crop_px,
             cut_off_max_extent=settings.cut_off_max_extent,
-            stage_labels=tuple(models.quality.manifest.labels["stage_logits"]),
-            blur_labels=tuple(models.quality.manifest.labels["blur_kind_logits"]),
+            stage_labels=_labels(models.quality.manifest, "stage_logits", get_args(StageName), ACETIC),
+            blur_labels=_labels(models.quality.manifest, "blur_kind_logits", get_args(BlurKind)),
         )
+
+
+def _labels(manifest: Manifest, output: str, allowed: tuple[str, ...], *required: str) -> tuple[str, ...]:
+    """An output's class names, checked once at start-up: one per logit, all in the response schema's
+    vocabulary, the ones the rules need present; otherwise every request would fail on them."""
+    labels = tuple(manifest.labels.get(output, ()))
+    shape = next((spec.shape for spec in manifest.outputs if spec.name == output), ())
+    width = shape[-1] if shape else None
+    unknown = sorted(set(labels) - set(allowed))
+    missing = [label for label in required if label not in labels]
+    if not labels or unknown or missing or (isinstance(width, int) and width != len(labels)):
+        raise ModelConfigurationError(
+            f"the {manifest.name} manifest's labels for {output} are {list(labels)} for an output of shape "
+            f"{list(shape)}: the service needs one label per logit, each one of {list(allowed)}"
+            + (f", including {missing}" if missing else "")
+            + f"; re-export it with `python -m training export {manifest.name}`"
+        )
+    return labels
+
+
+def _min_crop_px(quality: Manifest, configured: int | None) -> int:
+    """The smallest cervix (original pixels) to judge: the quality model's own floor unless configured,
+    and never below that floor, under which focus would be judged on crops upsampled past training's."""
+    floor = quality.extra.get("min_cervix_px")
+    if not isinstance(floor, int) or floor < 1:
+        raise ModelConfigurationError(
+            "the quality manifest has no extra.min_cervix_px (the smallest cervix it can judge): "
+            "re-export it with `python -m training export quality`"
+        )
+    if configured is not None and configured < floor:
+        raise ModelConfigurationError(
+            f"CERVIGATE_MIN_CERVIX_CROP_PX={configured} is below {floor}, the smallest cervix quality "
+            f"{quality.version} was trained to judge: unset it or set it to {floor} or more"
+        )
+    return configured or floor
 
 
 # --- decision rules: pure functions of model outputs and thresholds -------------------------------------

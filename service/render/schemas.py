@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 from service.render.reasons import Reason
 
 StageName = Literal["acetic", "saline", "iodine", "green"]
+BlurKind = Literal["none", "defocus", "motion"]
 
 
 class ReasonOut(BaseModel):
@@ -26,7 +27,7 @@ class CervixOut(BaseModel):
 
 class QualityOut(BaseModel):
     sharpness: float = Field(ge=0, le=1, description="P(sharp enough to assess) of the cervix crop")
-    blur_kind: Literal["none", "defocus", "motion"] = Field(
+    blur_kind: BlurKind = Field(
         description="most likely blur kind; weak on real photos (see the quality model card)"
     )
     exposure: Literal["ok", "dark", "over"]
