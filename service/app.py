@@ -6,6 +6,7 @@ Routes and dependencies are in service/api/, the pipeline in service/pipeline/.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,6 +16,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
+from service import sizing
 from service.api import access
 from service.api.deps import Keys, require_api_key
 from service.api.draining import DrainRefusedBodies
@@ -27,11 +29,22 @@ from service.render.schemas import Problem
 from service.settings import Settings
 from service.telemetry import Metrics, ObservabilityMiddleware
 
+log = logging.getLogger("cervigate")
+
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     register_heif()
+    warning = sizing.check_memory(
+        settings.max_inflight,
+        settings.max_upload_bytes,
+        settings.inference_workers,
+        settings.max_pixels,
+        sizing.memory_limit_bytes(),
+    )
+    if warning:
+        log.warning(warning)
     models = await anyio.to_thread.run_sync(load_models, settings)  # verifies every sha256
     service = AssessmentService(settings, models, app.state.metrics)
     await anyio.to_thread.run_sync(service.warm_up)

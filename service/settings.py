@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.sizing import available_cpus
 
 REPO_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
@@ -37,9 +38,10 @@ class Settings(BaseSettings):
         description="let ONNX Runtime's worker threads busy-wait between runs (only with >1 thread)",
     )
     inference_workers: int = Field(
-        default=max(1, os.cpu_count() or 1),
+        default_factory=available_cpus,
         ge=1,
-        description="requests processed at once; the rest wait in the queue",
+        description="requests processed at once; the rest wait in the queue. Default: the CPUs this process "
+        "may use (its affinity, capped by a container's CPU quota), not the host's cores",
     )
     overlap_stages: bool = Field(
         default=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api.handling import AssessmentService
+from service.api.handling import AssessmentService, _work_kind
 from service.app import create_app
+from service.io.uploads import Photo
 from service.settings import Settings
 from tests import service_inputs as make
 
@@ -97,3 +99,28 @@ def test_work_still_running_holds_admission_so_max_inflight_bounds_the_work(
             gate.release_first.set()
         _wait_until_idle(service)
         assert client.post("/v1/quality", content=FRAME, headers=JPEG).status_code == 200
+
+
+def test_queued_work_whose_turn_comes_too_late_for_its_kind_is_dropped_but_a_free_worker_always_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = Settings(request_deadline_s=1.0, inference_workers=1, overlap_stages=False)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        service: AssessmentService = client.app.state.service
+        gate = GatedPipeline(service.pipeline.assess)
+        monkeypatch.setattr(service.pipeline, "assess", gate)
+        kind = _work_kind(False, Photo([FRAME], len(FRAME)))
+        service.durations.record(kind, 10.0)  # such work took 10 s lately: more than any deadline left
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.post, "/v1/quality", content=FRAME, headers=JPEG)
+            assert gate.first_started.wait(10)  # found the worker free: runs whatever the estimate says
+            queued = pool.submit(client.post, "/v1/quality", content=FRAME, headers=JPEG)
+            for _ in range(500):  # wait (bounded) until the second job is queued behind the first
+                if service._outstanding == 2:
+                    break
+                time.sleep(0.01)
+            assert service._outstanding == 2
+            gate.release_first.set()
+            assert first.result(10).status_code == 200
+            assert queued.result(10).status_code == 504
+        assert gate.runs == 1, "a queued job that could not finish in time still ran"

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import statistics
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
@@ -123,6 +125,30 @@ class Ticket:
             self.weight = 0
 
 
+class WorkDurations:
+    """How long each kind of work took lately (the median of the last few), so that a job whose turn
+    comes with less time left than that is dropped instead of run for nobody."""
+
+    def __init__(self, window: int = 32) -> None:
+        self._window = window
+        self._recent: dict[Hashable, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def expected(self, kind: Hashable) -> float:
+        with self._lock:
+            recent = self._recent.get(kind)
+            return statistics.median(recent) if recent else 0.0  # never seen: let it try
+
+    def record(self, kind: Hashable, seconds: float) -> None:
+        with self._lock:
+            self._recent.setdefault(kind, deque(maxlen=self._window)).append(seconds)
+
+
+def _work_kind(diagnose: bool, photo: Photo) -> tuple[bool, int]:
+    """Work that takes about as long: the same endpoint's, on a photo of about the same byte size."""
+    return diagnose, photo.size.bit_length()
+
+
 class AssessmentService:
     """What a request needs once the app is ready: the pipeline, the bounds, the metrics."""
 
@@ -132,6 +158,9 @@ class AssessmentService:
         # The queue for compute: a job still queued at its deadline is cancelled there and never runs.
         self.workers = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="cervigate-worker")
         self.compute_slots = threading.BoundedSemaphore(settings.inference_workers)
+        self.durations = WorkDurations()
+        self._outstanding = 0  # jobs submitted and not finished
+        self._jobs_lock = threading.Lock()
         self.spare = SpareCores(
             self.compute_slots if settings.overlap_stages and settings.inference_workers > 1 else None,
             settings.inference_workers,
@@ -158,30 +187,41 @@ class AssessmentService:
         self.workers.shutdown(wait=True, cancel_futures=True)
         self.spare.close()
 
-    async def compute(self, ticket: Ticket, work: Callable[[], T]) -> T:
-        """`work` on a worker thread within the request deadline, else TimeoutError.
+    async def compute(self, ticket: Ticket, work: Callable[[], T], kind: Hashable) -> T:
+        """`work` on a worker thread within the request deadline, else TimeoutError or DeadlinePassed.
 
-        Work that has not started by its deadline never starts (nobody waits for its answer). Work that
-        has started cannot be interrupted: it finishes on its own, and its ticket stays held until then."""
+        Work that could not finish by its deadline never starts (nobody would wait for its answer): work
+        that had to queue is dropped when its turn comes too late for the time such work (`kind`) took
+        lately. Work that found a worker free always runs, so a stale estimate can never lock a kind of
+        work out. Work that has started cannot be interrupted: it finishes on its own, and its ticket stays
+        held until then."""
         deadline = time.monotonic() + self.settings.request_deadline_s
-        job = self.workers.submit(self._on_compute_slot, work, deadline)
-        job.add_done_callback(self._count_dropped)
+        with self._jobs_lock:
+            queued = self._outstanding >= self.settings.inference_workers
+            self._outstanding += 1
+        job = self.workers.submit(self._on_compute_slot, work, deadline, kind, queued)
+        job.add_done_callback(self._job_done)
         ticket.hold_until_done(job)
         with anyio.fail_after(self.settings.request_deadline_s):
             return await asyncio.wrap_future(job)  # cancelling it cancels a job still queued
 
-    def _on_compute_slot(self, work: Callable[[], T], deadline: float) -> T:
+    def _on_compute_slot(self, work: Callable[[], T], deadline: float, kind: Hashable, queued: bool) -> T:
         # A spare-core task may hold a slot for a few ms; the job then waits for it, up to its deadline.
         if not self.compute_slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise DeadlinePassed
         try:
-            if time.monotonic() >= deadline:
+            started = time.monotonic()
+            if queued and deadline - started <= self.durations.expected(kind):
                 raise DeadlinePassed
-            return work()
+            result = work()
+            self.durations.record(kind, time.monotonic() - started)
+            return result
         finally:
             self.compute_slots.release()
 
-    def _count_dropped(self, job: Future[Any]) -> None:
+    def _job_done(self, job: Future[Any]) -> None:
+        with self._jobs_lock:
+            self._outstanding -= 1
         if job.cancelled() or isinstance(job.exception(), DeadlinePassed):
             self.metrics.dropped.inc()
 
@@ -190,7 +230,7 @@ class AssessmentService:
             photo = await read_image(request, self.settings.max_upload_bytes, self.settings.upload_timeout_s)
             run = partial(self._assess_and_render, photo, diagnose=diagnose, include=include, stage=ACETIC)
             try:
-                assessment, review_images = await self.compute(ticket, run)
+                assessment, review_images = await self.compute(ticket, run, _work_kind(diagnose, photo))
             except (TimeoutError, DeadlinePassed) as error:
                 raise ProblemError(
                     504,
@@ -198,7 +238,6 @@ class AssessmentService:
                     f"no answer within {self.settings.request_deadline_s:g} s (queue or a very large photo); "
                     "take the photo again",
                 ) from error
-        self.metrics.observe_stages(assessment.timings_ms)
         self.metrics.observe_decision(assessment.decision, (r.value for r in assessment.reasons))
         request.state.log_fields = {
             "decision": assessment.decision,
@@ -232,7 +271,6 @@ class AssessmentService:
         exam = summarise(photos, self.pipeline.case_model, self.pipeline.rules.cin2plus)
         for photo in photos:
             if photo.assessment is not None:
-                self.metrics.observe_stages(photo.assessment.timings_ms)
                 reasons = (r.value for r in photo.assessment.reasons)
                 self.metrics.observe_decision(photo.assessment.decision, reasons)
         seconds = time.perf_counter() - started
@@ -271,7 +309,7 @@ class AssessmentService:
             return ExamPhoto(index, hint, problem=PartProblem(413, "upload_too_large", detail))
         run = partial(self._assess_and_render, photo, diagnose=True, include=include, stage=hint)
         try:
-            assessment, images = await self.compute(ticket, run)
+            assessment, images = await self.compute(ticket, run, _work_kind(True, photo))
         except UploadRejected as error:
             return ExamPhoto(index, hint, problem=PartProblem(error.status, error.code, str(error)))
         except (TimeoutError, DeadlinePassed):
@@ -284,6 +322,8 @@ class AssessmentService:
     ) -> tuple[Assessment, dict]:
         """The pipeline, then the review images asked for: all CPU work, run on a compute slot."""
         assessment = self.pipeline.assess(photo.data(), diagnose=diagnose, stage=stage)
+        # Recorded here, where the work ran: a pipeline whose request gave up at its deadline counts too.
+        self.metrics.observe_stages(assessment.timings_ms)
         images: dict[str, str] = {}
         lesion, crop_rgb, threshold = assessment.lesion, assessment.crop_rgb, self.pipeline.rules.lesion
         if lesion is not None and crop_rgb is not None:
