@@ -44,8 +44,9 @@ test-fast: $(DEV_STAMP)
 
 # Train, evaluate and export the four models into models/, each with a copy of its evaluation report
 # (runs/ keeps checkpoints and held-out predictions). The detector goes first: the segmenter, severity and quality
-# tasks measure on the crops its fold models take (runs/detector); the segmenter before severity: severity
-# measures every photo on the exported segmenter's lesion map (and on its fold models' for held-out cases).
+# tasks measure on the crops its fold models take (runs/detector); the segmenter before severity: severity's
+# held-out figures read each photo's map from the segmenter's outer-fold model that held its case out
+# (runs/segmenter/folds, severity's default --segmenter-folds), its shipped fit the exported segmenter's maps.
 MODEL_TASKS := detector segmenter severity quality
 RUNS := runs
 models: $(DEV_STAMP)

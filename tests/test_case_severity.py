@@ -3,6 +3,9 @@ never lets a held-out case into a fit, and the service's case model (numpy, as s
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import numpy as np
 import pytest
 from sklearn.pipeline import Pipeline
@@ -125,6 +128,23 @@ def test_a_case_whose_photos_straddle_folds_is_refused() -> None:
     photos = _photos([("a", "acetic", 0, 1.0), ("a", "saline", 1, 1.0)])
     with pytest.raises(ValueError, match="case a"):
         case_severity.case_table(photos, ["a"])
+
+
+def test_a_segmenter_fold_model_that_learned_a_case_it_maps_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from training.tasks import severity
+
+    class FoldModel:  # what LesionChannel reads from a fold model's manifest (extra.fold_model)
+        def __init__(self, path: Path) -> None:
+            self.fold = int(path.name.removeprefix("fold"))
+            self.trained_on = frozenset({"iarc-A"} if self.fold == 1 else {"iarc-B"})
+
+    monkeypatch.setattr(severity, "LesionChannel", FoldModel)
+    args = argparse.Namespace(segmenter_folds=str(tmp_path), segmenter_dir=tmp_path / "shipped")
+    assert set(severity.lesion_source(args, {0: {"iarc-A"}, 1: {"iarc-B"}})) == {0, 1}
+    with pytest.raises(ValueError, match="learned the outlines of"):
+        severity.lesion_source(args, {0: {"iarc-B"}, 1: {"iarc-A"}})
 
 
 def test_no_fit_for_an_outer_fold_ever_sees_that_folds_cases(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ def test_every_task_holds_out_the_same_real_cases(atlas_root: Path) -> None:
     fold_of = catalog.real_fold_of_subject(atlas_root)
     for task in ("detector", "quality", "severity", "segmenter"):
         data = catalog.task_data(task, atlas_root)
-        if task == "segmenter":  # AACG holds out with AAHO (one cervix): tests/test_segmenter.py
+        if task in catalog.CERVIX_GROUPED_TASKS:  # AACG holds out with AAHO (one cervix): test_segmenter.py
             fold_of = catalog.fold_of_subject_for(task, atlas_root)
         subjects = [r.subject for r in data.real]
         for k, split in enumerate(catalog.real_folds(data.real, fold_of)):
@@ -18,6 +18,18 @@ def test_every_task_holds_out_the_same_real_cases(atlas_root: Path) -> None:
             assert all(fold_of[subjects[i]] == k for i in split.val), (
                 f"{task}: {split.name} strays from fold {k}"
             )
+
+
+def test_severity_holds_out_each_case_in_the_segmenters_fold(atlas_root: Path) -> None:
+    """Severity's held-out lesion maps come from the segmenter's outer-fold models (`--segmenter-folds`):
+    a case in another fold than the segmenter's would be mapped by a model that learned its outline."""
+    segmenter = catalog.fold_of_subject_for("segmenter", atlas_root)
+    severity = catalog.fold_of_subject_for("severity", atlas_root)
+    cases = {r.subject for r in catalog.task_data("severity", atlas_root).real}
+    outlined = {r.subject for r in catalog.task_data("segmenter", atlas_root).real}
+    assert outlined <= cases and {"iarc-AAHO", "iarc-AACG"} <= outlined
+    assert {c: severity[c] for c in cases} == {c: segmenter[c] for c in cases}
+    assert severity["iarc-AACG"] == severity["iarc-AAHO"]
 
 
 def test_each_fold_holds_out_both_grades_and_some_negatives(atlas_root: Path) -> None:

@@ -154,3 +154,23 @@ def test_threshold_rule_takes_the_threshold_that_recovers_the_outline() -> None:
     assert dice == pytest.approx(1.0)
     _, low_dice = segmenter.inside_scores(probability, views, 0.45)
     assert low_dice[0] < 0.8
+
+
+@pytest.mark.slow  # one ONNX export with its parity check and latency runs
+def test_an_outer_fold_model_exports_as_the_severity_task_loads_it(tmp_path: Path) -> None:
+    from training.tasks import severity
+
+    args = segmenter.get_args_parser().parse_args(["--output-dir", str(tmp_path), "--atlas", str(tmp_path)])
+    args.command = "python -m training train segmenter --output-dir x"
+    summary = {
+        "threshold": 0.3,
+        "variant": "all_stages",
+        "real_split": "real-gkf5-s0",
+        "fold_model": {"fold": 2, "held_out_cases": ["iarc-B"], "trained_on_cases": ["iarc-A"], "rule": "t"},
+    }
+    segmenter.export_fold_model(tmp_path / "fold2", LesionDecoder(segmenter_taps("s16")), args, summary)
+    lesion = severity.LesionChannel(tmp_path / "fold2")  # reads the manifest as the service does
+    assert (lesion.fold, lesion.trained_on) == (2, frozenset({"iarc-A"}))
+    assert lesion.manifest.thresholds == {"lesion": 0.3} and lesion.manifest.name == "segmenter"
+    probability = lesion(np.zeros((300, 400, 3), np.uint8))
+    assert probability.shape == (224, 224) and probability.dtype == np.uint8

@@ -83,11 +83,15 @@ def test_segmenter_then_severity_on_its_lesion_maps(tmp_path: Path) -> None:
     assert segmenter["variant"] in ("all_stages", "acetic_only")
     assert [c["fold"] for c in segmenter["fold_choices"]] == [0]
     assert 0.1 <= segmenter["threshold"] <= 0.9
+    fold_model = read_manifest(tmp_path / "runs" / "segmenter" / "folds" / "fold0")  # its outer fold's model
+    assert fold_model.extra["fold_model"]["fold"] == 0  # type: ignore[index]
 
-    # Whole-frame crops: the detector's fold models take minutes (make models uses them).
+    # Whole-frame crops: the detector's fold models take minutes (make models uses them). One segmenter for
+    # every photo: this run has fold 0's model only (--segmenter-folds takes one per fold).
     severity = train_evaluate_export(
-        "severity", tmp_path, "--segmenter-dir", str(tmp_path / "models" / "segmenter"), "--whole-frame"
-    )
+        "severity", tmp_path, "--segmenter-dir", str(tmp_path / "models" / "segmenter"), "--whole-frame",
+        "--segmenter-folds", "none",
+    )  # fmt: skip
     assert severity["real_split"] == "real-gkf5-s0"
     assert severity["measured"]["n_cases"] == 16 and severity["deep"]["n_cases"] == 16
     manifest = read_manifest(tmp_path / "models" / "severity")

@@ -114,12 +114,20 @@ def real_fold_of_subject(atlas_root: Path = DEFAULT_ATLAS) -> dict[str, int]:
     return fold_of
 
 
+# Tasks whose folds hold the SAME_CERVIX cases out together. The severity task must split its cases as the
+# segmenter does: its held-out lesion maps come from the segmenter's outer-fold models
+# (`--segmenter-folds`), and a case in another fold than the segmenter's would be mapped by a model that
+# learned its outline.
+CERVIX_GROUPED_TASKS = ("segmenter", "severity")
+
+
 def fold_of_subject_for(task: str, atlas_root: Path = DEFAULT_ATLAS) -> dict[str, int]:
-    """`real_fold_of_subject`, except that the segmenter, whose photos include both cases of one cervix
-    (SAME_CERVIX), holds them out together: each joins its partner's fold. Every other atlas case keeps
-    its fold, so the segmenter's held-out cases are the other tasks' (AACG moves from fold 2 to 3)."""
+    """`real_fold_of_subject`, except that the segmenter and severity tasks (CERVIX_GROUPED_TASKS), whose
+    photos include both cases of one cervix (SAME_CERVIX), hold them out together: each joins its partner's
+    fold. Every other atlas case keeps its fold, so their held-out cases are the other tasks' (AACG moves
+    from fold 2 to 3). The one definition of each task's folds."""
     fold_of = real_fold_of_subject(atlas_root)
-    if task == "segmenter":
+    if task in CERVIX_GROUPED_TASKS:
         for subject, partner in SAME_CERVIX.items():
             if partner in fold_of:
                 fold_of[subject] = fold_of[partner]

@@ -235,12 +235,14 @@ def export_task(
     make: Callable[[], nn.Module],
     describe: Callable[[dict[str, Any], dict[str, Any]], TaskDescription],
     parity_input: Callable[[np.ndarray, InputSpec], np.ndarray] = default_parity_input,
+    out_dir: Path | None = None,
 ) -> export_step.ExportResult:
     """The export step of every task: the run's final model, its metrics and the task's description become
     model.onnx + manifest.json + MODEL_CARD.md, after a PyTorch vs ONNX Runtime parity check.
 
     `describe(metrics, checkpoint)` gives the task's own manifest fields; `parity_input` turns a parity photo
-    into a model input (the default is the task's deterministic preprocessing)."""
+    into a model input (the default is the task's deterministic preprocessing). The files go to `out_dir`
+    (default `--models-dir`/TASK; the segmenter's outer-fold models go beside their checkpoints)."""
     model, checkpoint = load_final(args.run_dir, make)
     summary = json.loads((args.run_dir / "metrics.json").read_text())
     spec = presets.INPUT_SPECS[task]
@@ -262,7 +264,7 @@ def export_task(
             limitations=description.limitations,
             changelog=description.changelog,
         ),
-        args.models_dir / task,
+        out_dir or args.models_dir / task,
         parity_inputs=[parity_input(image.image, spec) for image in parity_images(args.atlas)],
         atol=args.parity_atol,
     )

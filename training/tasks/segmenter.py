@@ -22,6 +22,11 @@ service's code, and Dice/IoU measured inside the letterbox. The shipped segmente
 on every outline; its variant and threshold come from the pooled outer held-out predictions by the same
 rule. False alarms: lesion-free synthetic test subjects (no model trained on any of them).
 
+Each outer fold's model (its chosen variant's decoder, fitted without fold k, at its inner threshold) is
+also exported, as the shipped model is (`tasks.common.export_task`), to `--fold-models` (default
+OUTPUT_DIR/folds)/fold<k>/: the severity task maps fold k's photos with it (`--segmenter-folds`), so no
+held-out lesion map comes from a model that learned its case's outline.
+
     python -m training train segmenter --output-dir runs/segmenter --detector-run runs/detector
 """
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,6 +99,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--baseline-dir", type=Path, default=Path("models/segmenter"),
         help="an exported segmenter scored on the same held-out crops (the one shipped before this run)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fold-models", type=Path, default=None,
+        help="where each outer fold's model is exported as fold<k>/ (default OUTPUT_DIR/folds)",
     )  # fmt: skip
     return parser
 
@@ -406,6 +416,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
     fold_choices: list[dict[str, object]] = []
     outer_by_variant: dict[str, list[dict[str, np.ndarray]]] = {v: [] for v in args.variants}
     synthetic_by_fold: list[dict[str, object]] = []
+    fold_models: dict[int, tuple[str, float]] = {}
     for fold in common.folds_to_run(args, n_folds):
         inner: dict[str, InnerChoice] = {}
         for variant in args.variants:
@@ -444,6 +455,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         fold_choices.append(
             {"fold": fold, "variant": chosen, "inner": {v: vars(c) for v, c in inner.items()}}
         )
+        fold_models[fold] = (chosen, inner[chosen].threshold)
         print(f"{TASK}: outer fold {fold}: {chosen} at threshold {inner[chosen].threshold}", flush=True)
 
     # The shipped model: the same rule on the pooled outer held-out crops (each predicted by a decoder that
@@ -514,7 +526,49 @@ def main(args: argparse.Namespace) -> dict[str, object]:
             float(baseline.manifest.thresholds["lesion"]),
         )
     engine.write_json(args.output_dir / "metrics.json", summary)
+
+    folds_dir = args.fold_models or args.output_dir / FOLDS_DIR
+    shutil.rmtree(folds_dir, ignore_errors=True)  # no stale fold from an earlier run
+    subject_of = np.array([r.subject for r in real.records])
+    for fold, (variant, fold_threshold) in fold_models.items():
+        rows = rows_without(frozenset({fold}), variant)
+        export_fold_model(
+            folds_dir / f"fold{fold}",
+            decoder_without(frozenset({fold}), variant),
+            args,
+            {
+                "threshold": fold_threshold,
+                "variant": variant,
+                "real_split": summary["real_split"],
+                "fold_model": {
+                    "fold": fold,
+                    "held_out_cases": sorted({s for i, s in enumerate(subject_of) if fold_of[i] == fold}),
+                    "trained_on_cases": sorted(set(subject_of[real_train.owner[rows[rows < n_real]]])),
+                    "rule": "outer fold k of the nested CV: decoder fitted without fold k's outlines; "
+                    "variant and threshold chosen on the inner folds (the run's fold_choices)",
+                },
+            },
+        )
     return summary
+
+
+FOLDS_DIR = "folds"
+
+
+def export_fold_model(
+    fold_dir: Path, decoder: LesionDecoder, args: argparse.Namespace, summary: dict[str, object]
+) -> export_step.ExportResult:
+    """An outer fold's model as a run of its own (fold_dir/model.pth + metrics.json), exported there by the
+    shipped model's export step (model.onnx + manifest.json + MODEL_CARD.md, parity checked): what
+    `--segmenter-folds` of the severity task loads."""
+    model = LesionSegmenter(
+        backbones.LiteTrunk(segmenter_taps(args.top), head=False, pretrained=True), top=args.top
+    )
+    model.decoder.load_state_dict(decoder.state_dict())
+    engine.save_checkpoint(fold_dir / "model.pth", model.eval(), args, command=common.command_line(args))
+    engine.write_json(fold_dir / "metrics.json", summary)
+    step = get_step_parser("export").parse_args(["--run-dir", str(fold_dir), "--atlas", str(args.atlas)])
+    return common.export_task(step, TASK, maker(fold_dir), describe, out_dir=fold_dir)
 
 
 def _concat_views(parts: list[Views]) -> Views:
@@ -846,6 +900,7 @@ def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
             "probability": "sigmoid(lesion_logits); lesion where >= thresholds.lesion",
             "exam_stage": "acetic acid photos (the threshold is chosen on acetic-acid outlines)",
             "real_masks": f"{summary.get('variant')}: clinician polygon outlines of atlas photos",
+            **({"fold_model": summary["fold_model"]} if "fold_model" in summary else {}),
             "backbone": {
                 "name": origin.variant,
                 "pretrained": "ImageNet-1k, frozen (blocks 0-15; the decoder is trained)",

@@ -2,9 +2,13 @@
 
 Every atlas photo of a case (saline, acetic acid, iodine, ...) is cropped the way the service crops it, by
 the detector of the outer fold that holds its case out (`--detector-run`, its `fold_heads.npz`), and mapped
-by a lesion segmenter (`--segmenter-dir`; `--segmenter-folds DIR` takes DIR/fold<k>/ for the photos of
-fold k, for a segmenter trained on real outlines, so no held-out map comes from a model that saw it).
-So every photo's crop and lesion map is out of fold, and one feature cache serves every fit.
+by the segmenter's outer-fold model that holds it out (`--segmenter-folds DIR`: DIR/fold<k>/ for the photos
+of fold k, default `runs/segmenter/folds`, written by the segmenter's training run), so no held-out map
+comes from a model that learned its case's outline. The cases are split into the segmenter's folds
+(`catalog.fold_of_subject_for`: AACG with AAHO, one cervix), and a fold model that was trained on a case it
+maps is refused. So every photo's crop and lesion map is out of fold, and one feature cache serves every
+fit. The shipped (refitted) model is fitted on the maps of the shipped segmenter (`--segmenter-dir`), the
+one the service runs; without fold models (`--segmenter-folds none`) that one maps every photo.
 
 The shipped model is (b) (`--ship`, default `measured`): neither beat chance on the atlas (both
 intervals include 0.5), and the rule is then to ship the simpler. Its ONNX file is the measures graph
@@ -55,6 +59,7 @@ LITE_SPEC = InputSpec(
 )  # fmt: skip
 POOL_CELL = 32  # Lite0's stride at the head: one 7x7 feature cell per 32x32 block of the lesion map
 CACHE = "photo_features.npz"
+DEFAULT_SEGMENTER_FOLDS = "runs/segmenter/folds"  # the segmenter's training run (make models) writes them
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
@@ -66,8 +71,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="run with fold_heads.npz: each fold's detector crops its cases")  # fmt: skip
     parser.add_argument("--segmenter-dir", type=Path, default=Path("models/segmenter"),
                         help="exported segmenter for the lesion maps of every photo")  # fmt: skip
-    parser.add_argument("--segmenter-folds", type=Path, default=None,
-                        help="DIR with fold<k>/ segmenters: fold k's maps its held-out photos")  # fmt: skip
+    parser.add_argument(
+        "--segmenter-folds", default=DEFAULT_SEGMENTER_FOLDS,
+        help="DIR with the segmenter's outer-fold models fold<k>/: fold k's maps its held-out photos "
+        f"(default: {DEFAULT_SEGMENTER_FOLDS} when present; 'none': --segmenter-dir maps every photo, "
+        "leaky when that segmenter learned from atlas outlines)",
+    )  # fmt: skip
     parser.add_argument("--target-sensitivity", type=float, default=0.9,
                         help="CIN2+ sensitivity on inner out-of-fold predictions")  # fmt: skip
     parser.add_argument("--inner-folds", type=int, default=5)
@@ -90,6 +99,7 @@ class PhotoCrop:
     lesion: np.ndarray  # 224x224 uint8, P(lesion) x 255
     inside: np.ndarray  # 224x224 bool, the crop's own pixels (not the letterbox padding)
     detected: bool  # False: the fold's detector missed and the whole frame was used
+    lesion_shipped: np.ndarray | None = None  # the shipped segmenter's map, when another one made `lesion`
 
 
 class LesionChannel:
@@ -102,6 +112,12 @@ class LesionChannel:
                 "`python -m training export segmenter` first (make models does both), or pass --segmenter-dir"
             )
         self.manifest: Manifest = read_manifest(segmenter_dir)  # verifies the sha256
+        fold_model = self.manifest.extra.get("fold_model")
+        # An outer-fold model names the cases whose outlines it learned (None: not a fold model).
+        self.fold: int | None = None if not isinstance(fold_model, dict) else int(fold_model["fold"])
+        self.trained_on: frozenset[str] = frozenset(
+            fold_model["trained_on_cases"] if isinstance(fold_model, dict) else ()
+        )
         self.session = export_step.ort_session(segmenter_dir / "model.onnx")
         severity_spec = presets.INPUT_SPECS[TASK]
         spec = self.manifest.input
@@ -121,19 +137,49 @@ class LesionChannel:
         return np.round(probability * 255.0).astype(np.uint8)
 
 
-def lesion_source(args: argparse.Namespace, folds: list[int]) -> dict[int, LesionChannel]:
-    """The segmenter that maps each fold's photos: one shipped model for all, or one per fold."""
-    if args.segmenter_folds is None:
-        shared = LesionChannel(args.segmenter_dir)
-        return dict.fromkeys(folds, shared)
-    return {k: LesionChannel(args.segmenter_folds / f"fold{k}") for k in folds}
+def segmenter_folds_dir(args: argparse.Namespace) -> Path | None:
+    """`--segmenter-folds` as a folder, or None: 'none', or the default when that run has no fold models."""
+    value = str(args.segmenter_folds)
+    if value.lower() == "none":
+        return None
+    if value == DEFAULT_SEGMENTER_FOLDS and not Path(value).is_dir():
+        print(
+            f"{TASK}: no segmenter fold models in {value}: {args.segmenter_dir} maps every photo, so "
+            "held-out maps of outlined cases are not held out (train the segmenter first, or pass "
+            "--segmenter-folds)",
+            flush=True,
+        )
+        return None
+    return Path(value)
+
+
+def lesion_source(args: argparse.Namespace, cases_of_fold: dict[int, set[str]]) -> dict[int, LesionChannel]:
+    """The segmenter that maps each fold's photos: one per outer fold (`--segmenter-folds`), refused if it
+    learned the outline of a case it maps or holds out another fold, else the shipped model for all."""
+    folds_dir = segmenter_folds_dir(args)
+    if folds_dir is None:
+        return dict.fromkeys(cases_of_fold, LesionChannel(args.segmenter_dir))
+    lesions = {k: LesionChannel(folds_dir / f"fold{k}") for k in cases_of_fold}
+    for k, lesion in lesions.items():
+        if lesion.fold != k:
+            raise ValueError(f"{folds_dir}/fold{k} is not the segmenter's outer fold {k} model")
+        if seen := sorted(cases_of_fold[k] & lesion.trained_on):
+            raise ValueError(
+                f"{folds_dir}/fold{k} learned the outlines of {seen}, which severity holds out in fold {k}: "
+                "the two tasks' folds differ (catalog.fold_of_subject_for)"
+            )
+    return lesions
 
 
 def crop_photo(
-    rgb: np.ndarray, detector: tuple[TorchOnOnnx, float] | None, lesion: LesionChannel
+    rgb: np.ndarray,
+    detector: tuple[TorchOnOnnx, float] | None,
+    lesion: LesionChannel,
+    shipped: LesionChannel | None = None,
 ) -> PhotoCrop:
     """The service's crop: JPEG as a phone sends it, decoded as served, boxed by the detector, grown by the
-    crop margin; a missed cervix falls back to the whole frame (the atlas frames the cervix)."""
+    crop margin; a missed cervix falls back to the whole frame (the atlas frames the cervix). `lesion` maps
+    it; `shipped`, when another segmenter than that, maps it too (`lesion_shipped`: the final fit's map)."""
     decoded = decode_upload(device_suite.encode_jpeg(rgb), device_suite.SERVED_DECODE)
     width, height = decoded.original_size
     found = detect_cervix(detector[0], decoded, detector[1]).box if detector is not None else None
@@ -145,7 +191,9 @@ def crop_photo(
     left, top = round(placement.pad_x), round(placement.pad_y)
     inside[top : top + round(crop_rgb.shape[0] * placement.scale_y),
            left : left + round(crop_rgb.shape[1] * placement.scale_x)] = True  # fmt: skip
-    return PhotoCrop(fitted, lesion(crop_rgb), inside, found is not None)
+    return PhotoCrop(
+        fitted, lesion(crop_rgb), inside, found is not None, None if shipped is None else shipped(crop_rgb)
+    )
 
 
 def lesion_weights(lesion: np.ndarray, cell: int = POOL_CELL) -> np.ndarray:
@@ -173,22 +221,31 @@ def extract(args: argparse.Namespace) -> dict[str, np.ndarray]:
     if args.max_cases:
         keep = few_cases(records, args.max_cases)
         records = [r for r in records if r.subject in keep]
-    fold_of = catalog.real_fold_of_subject(args.atlas)
+    fold_of = catalog.fold_of_subject_for(TASK, args.atlas)  # the segmenter's folds
+    # Each model's held-out output comes from its own fold that held the case out: the detector's folds
+    # keep AACG in fold 2 (AAHO's is 3), so its crop comes from a detector that never saw it.
+    detector_fold_of = catalog.fold_of_subject_for("detector", args.atlas)
     images = load_all(records, desc="atlas")
-    folds = sorted({fold_of[r.subject] for r in records})
-    detectors: dict[int, tuple[TorchOnOnnx, float] | None] = dict.fromkeys(folds)
+    cases_of_fold: dict[int, set[str]] = {}
+    for record in records:
+        cases_of_fold.setdefault(fold_of[record.subject], set()).add(record.subject)
+    detector_folds = sorted({detector_fold_of[r.subject] for r in records})
+    detectors: dict[int, tuple[TorchOnOnnx, float] | None] = dict.fromkeys(detector_folds)
     if not args.whole_frame:
         detectors = {
             k: (TorchOnOnnx(model, presets.INPUT_SPECS["detector"], ("cervix_logit", "box")), t)
             for k, (model, t) in fold_detectors(args.detector_run).items()
         }
-        if missing := set(folds) - set(detectors):
+        if missing := set(detector_folds) - set(detectors):
             raise ValueError(f"{args.detector_run} has no detector for fold(s) {sorted(missing)}")
-    lesions = lesion_source(args, folds)
+    lesions = lesion_source(args, dict(sorted(cases_of_fold.items())))
+    shipped = LesionChannel(args.segmenter_dir)
+    per_fold = any(lesion.fold is not None for lesion in lesions.values())
     crops = []
     for record, image in tqdm(zip(records, images, strict=True), total=len(records), desc="crops"):
         fold = fold_of[record.subject]
-        crops.append(crop_photo(image.image, detectors[fold], lesions[fold]))
+        detector = detectors[detector_fold_of[record.subject]]
+        crops.append(crop_photo(image.image, detector, lesions[fold], shipped if per_fold else None))
     trunk = backbones.LiteTrunk((), head=True)
     extractor = FeatureExtractor(trunk, ("head",), LITE_SPEC, threads=args.threads, batch_size=16)
     maps = extractor.extract(np.stack([c.rgb for c in crops]), desc="lite0")["head"]
@@ -205,7 +262,12 @@ def extract(args: argparse.Namespace) -> dict[str, np.ndarray]:
         "deep_lesion": deep["lesion"],
         "rgb": np.stack([c.rgb for c in crops]),
         "lesion": lesion,
+        # which segmenter made each photo's held-out map, and the shipped one's map for the final fit
+        "segmenter_sha256": np.array([lesions[fold_of[r.subject]].manifest.sha256 for r in records]),
+        "shipped_segmenter_sha256": np.array(shipped.manifest.sha256),
     }
+    if per_fold:
+        out["lesion_shipped"] = np.stack([c.lesion_shipped for c in crops])  # type: ignore[misc]
     return out
 
 
@@ -221,14 +283,33 @@ def few_cases(records: list[ImageRecord], count: int) -> set[str]:
 
 
 def load_or_extract(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """The feature cache of an earlier run, if the same segmenters made its lesion maps; else made anew."""
     path = args.output_dir / CACHE
     if path.is_file():
         with np.load(path) as data:
-            return {k: data[k] for k in data.files}
+            cached = {k: data[k] for k in data.files}
+        if same_segmenters(cached, args):
+            return cached
+        print(f"{TASK}: {path} was mapped by other segmenters than these: made anew", flush=True)
     features = extract(args)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **features)  # type: ignore[arg-type]
     return features
+
+
+def same_segmenters(cached: dict[str, np.ndarray], args: argparse.Namespace) -> bool:
+    """Whether the cached maps come from the segmenters this run would use (the manifests' sha256s)."""
+    if "segmenter_sha256" not in cached:  # a cache from before the maps' provenance was kept
+        return False
+    shipped = read_manifest(args.segmenter_dir).sha256
+    folds_dir = segmenter_folds_dir(args)
+    expected = {
+        int(k): shipped if folds_dir is None else read_manifest(folds_dir / f"fold{int(k)}").sha256
+        for k in np.unique(cached["fold"])
+    }
+    return str(cached["shipped_segmenter_sha256"]) == shipped and all(
+        sha == expected[int(k)] for sha, k in zip(cached["segmenter_sha256"], cached["fold"], strict=True)
+    )
 
 
 # --- the comparison ---------------------------------------------------------------------------------------
@@ -295,14 +376,43 @@ def context(
     }
 
 
+def lesion_maps(features: dict[str, np.ndarray]) -> dict[str, object]:
+    """Which segmenter mapped which fold's photos (held-out figures) and which one the final fit's photos."""
+    by_fold = {
+        f"fold{int(k)}": sorted(set(features["segmenter_sha256"][features["fold"] == k].tolist()))
+        for k in np.unique(features["fold"])
+    }
+    per_fold = "lesion_shipped" in features
+    return {
+        "held_out": "each fold's photos mapped by the segmenter's outer-fold model that held the fold out "
+        "(--segmenter-folds)"
+        if per_fold
+        else "one segmenter for every photo (--segmenter-dir): held-out maps of cases it learned from are "
+        "not held out",
+        "segmenter_sha256_by_fold": by_fold,
+        "final_fit": "the shipped segmenter's maps (--segmenter-dir), as the service computes them",
+        "shipped_segmenter_sha256": str(features["shipped_segmenter_sha256"]),
+    }
+
+
 def main(args: argparse.Namespace) -> dict[str, object]:
     features = load_or_extract(args)
+    shipped_sha256 = str(features["shipped_segmenter_sha256"])
     features["measures"] = served_measures(features["rgb"], features["lesion"])
+    # The final fit measures every photo on the shipped segmenter's map: the one the service runs.
+    shipped_measures = (
+        served_measures(features["rgb"], features["lesion_shipped"])
+        if "lesion_shipped" in features
+        else features["measures"]
+    )
     photos, cases = tables(features)
     summary: dict[str, object] = {
         "real_split": common.split_family(
-            catalog.real_folds(iarc_atlas(args.atlas), catalog.real_fold_of_subject(args.atlas))
+            catalog.real_folds(iarc_atlas(args.atlas), catalog.fold_of_subject_for(TASK, args.atlas))
         ),
+        "real_split_note": "the fixed real folds, except that AACG (one cervix with AAHO) joins AAHO's "
+        "fold, as in the segmenter's (catalog.fold_of_subject_for)",
+        "lesion_maps": lesion_maps(features),
         "n_photos": len(photos.case),
         "photos_by_stage": {s: int((photos.stage == s).sum()) for s in np.unique(photos.stage)},
         "crops": "whole frame" if args.whole_frame else "each outer fold's detector",
@@ -320,7 +430,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         summary[model] = case_severity.summarise_outer(folds, cases, seed=args.seed)
         held_out.append(held_out_rows(model, folds, cases))
     summary["context"] = context(features, photos, cases, args.atlas)
-    measured = options["measured"]["measured"]
+    measured = case_severity.measured_case_features(shipped_measures, photos, list(cases.case))
     summary["measured_missing_cases"] = {
         name: int(np.isnan(measured[:, i]).sum()) for i, name in enumerate(case_risk.CASE_FEATURES)
     }
@@ -331,7 +441,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         case_severity.SwedeMeasures(),
         args,
         command=getattr(args, "command", "python -m training train severity"),
-        segmenter_sha256=LesionChannel(args.segmenter_dir).manifest.sha256,
+        segmenter_sha256=shipped_sha256,
         case_model=final,
     )
     common.save_predictions(args.output_dir, held_out=held_out)
@@ -455,9 +565,11 @@ def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
         limitations=(
             "44 atlas cases (32 HSIL, 12 LSIL, no normals): held-out case ROC-AUC is not distinguishable "
             "from 0.5 (see metrics), so it must not drive a referral on its own. Shipped because it is the "
-            "simpler of two candidates that both failed to beat chance. The lesion maps come from the "
-            "shipped segmenter, which learned from clinician outlines of 65 photos of 27 of these cases: for "
-            "those cases the held-out figures' lesion maps are not held out (which can only flatter them)."
+            "simpler of two candidates that both failed to beat chance. The held-out figures read each "
+            "photo's lesion map from the segmenter's outer-fold model that held its case out (metrics."
+            "lesion_maps), so none comes from a model that learned its case's outline; the shipped fit reads "
+            "the shipped segmenter's maps, which learned from clinician outlines of 65 photos of 27 of these "
+            "cases (for those its training maps are closer to the outlines than a new patient's will be)."
         ),
         changelog=[
             "1.0.0: per-photo 4-channel CNN from scratch with test-time voting.",
@@ -467,6 +579,8 @@ def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
             "2.1.0: the case model refitted on the lesion maps of segmenter 2.0.0 (learned from real "
             "clinician outlines); acetowhite density and margin only for a lesion of at least 1 % of the "
             "tissue (a pixel count made them jump with the photo's resolution); threshold re-chosen by the "
-            "same nested rule.",
+            "same nested rule. Its held-out figures since re-measured leak-free (issue #14): each photo's "
+            "lesion map from the segmenter's outer-fold model that held its case out, AACG held out with "
+            "AAHO (one cervix) as the segmenter does; the model, threshold and ONNX file are unchanged.",
         ],
     )
