@@ -174,6 +174,7 @@ def test_no_fit_for_an_outer_fold_ever_sees_that_folds_cases(monkeypatch: pytest
         {"x": x}, cases, (0.1, 1.0), target_sensitivity=0.9, inner_folds=3, repeats=1
     )
     per_fold = len(seen) // len(folds)  # each outer fold: the inner fits, then its refit, in order
+    assert per_fold > 0, "no fit went through the patched logistic: the leak check would check nothing"
     assert per_fold * len(folds) == len(seen)
     for k, fold in enumerate(folds):
         held_out = set(np.flatnonzero(cases.fold == fold.fold).tolist())

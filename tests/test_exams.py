@@ -18,7 +18,7 @@ from service.app import create_app
 from service.pipeline.case_risk import METHOD
 from service.render.problems import ProblemError
 from service.render.reasons import ADVICE, Reason
-from service.render.review import outline
+from service.render.review import VERDICT_COLOURS, outline
 from service.settings import Settings
 from service.telemetry import Metrics
 from tests import service_inputs as make
@@ -163,6 +163,14 @@ def test_the_contact_sheet_shows_every_photo(client: TestClient, case_aaan) -> N
     sheet = Image.open(io.BytesIO(base64.b64decode(body["contact_sheet_jpeg"])))
     assert sheet.format == "JPEG" and sheet.size == (3 * 192, 192 + 22)
     assert body["photos"][1]["assessment"]["lesion"]["overlay_jpeg"]
+    pixels = np.asarray(sheet).astype(int)
+    tile = 192
+    assert pixels[40:150, tile + 40 : tile + 150].std() > 10, "the acetic photo's crop is not drawn"
+    assert pixels[40:150, 2 * tile + 40 : 2 * tile + 150].std() < 3, "an unreadable photo has no crop to show"
+    frame = pixels[96, 2 * tile + 3]  # the unreadable photo's frame, in the retake colour
+    assert np.abs(frame - np.array(VERDICT_COLOURS["retake"])).max() < 40
+    caption = pixels[tile + 5 : tile + 22, 2 * tile : 3 * tile]
+    assert caption.std() > 5, "no caption under the photo"
 
 
 @pytest.mark.parametrize(
@@ -214,12 +222,20 @@ def test_a_bad_exam_request_gets_one_problem(
     _problem(client.post("/v1/exams", **request_kwargs), status, code)
 
 
+def _sample(text: str, name: str) -> float:
+    line = next((line for line in text.splitlines() if line.startswith(name + " ")), None)
+    return float(line.split()[-1]) if line else 0.0
+
+
 def test_exam_metrics_count_exams_and_photos(client: TestClient, case_aaan) -> None:
+    before = client.get("/metrics").text
     _ok(_exam(client, [case_aaan["saline"], case_aaan["acetic"]], "saline,acetic"))
     text = client.get("/metrics").text
     assert 'cervigate_exams_total{decision="diagnosis"}' in text
     assert 'cervigate_exam_photos_total{outcome="used"}' in text
-    assert "cervigate_exam_size_photos_bucket" in text
+    for name, grew_by in (("cervigate_exam_size_photos_count", 1), ("cervigate_exam_size_photos_sum", 2),
+                          ("cervigate_exam_duration_seconds_count", 1)):  # fmt: skip
+        assert _sample(text, name) - _sample(before, name) == grew_by, name
 
 
 def test_an_exam_counts_its_photos_against_admission() -> None:

@@ -598,13 +598,19 @@ def test_work_abandoned_at_its_deadline_still_counts_against_the_workers(
             with lock:
                 running[0] -= 1
 
-        monkeypatch.setattr(fresh.app.state.service.pipeline, "assess", slow)
+        service = fresh.app.state.service
+        monkeypatch.setattr(service.pipeline, "assess", slow)
         frame = make.encode(np.zeros((100, 100, 3), np.uint8))
-        for _ in range(3):  # each times out while the previous abandoned one may still be running
+        for attempt in range(3):  # each times out while the previous abandoned one may still be running
             _problem(
                 fresh.post("/v1/quality", content=frame, headers={"content-type": "image/jpeg"}),
                 504,
                 "deadline_exceeded",
             )
+            if attempt == 0:  # the abandoned pipeline still holds its compute slot and its admission
+                assert not service.compute_slots.acquire(blocking=False)
+                assert service.admission.inflight >= 1
         time.sleep(1.2)
         assert most[0] == 1  # never two pipelines at once with one worker
+        assert service.compute_slots.acquire(blocking=False), "the slot never came back"
+        service.compute_slots.release()

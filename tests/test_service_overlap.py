@@ -135,6 +135,20 @@ def test_a_recapture_drops_the_early_segmentation_and_frees_its_slot(
     assert _all_free(slots, 2)
 
 
+def test_the_service_lends_an_idle_slot_only_while_fewer_requests_are_admitted_than_workers(
+    models: ModelSet,
+) -> None:
+    service = AssessmentService(Settings(inference_workers=2), models, Metrics())
+    try:
+        borrowed = service.spare.try_submit(lambda: "idle slot")
+        assert borrowed is not None and borrowed.result(5) == "idle slot"
+        service.admission.inflight = 2  # as many requests admitted as workers: each will want its slot
+        assert service.spare.try_submit(lambda: "busy") is None
+    finally:
+        service.admission.inflight = 0
+        service.close()
+
+
 def test_no_overlap_with_one_worker_or_when_switched_off(models: ModelSet) -> None:
     for settings in (Settings(inference_workers=1), Settings(inference_workers=2, overlap_stages=False)):
         service = AssessmentService(settings, models, Metrics())

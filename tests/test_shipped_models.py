@@ -111,14 +111,16 @@ def test_a_quality_manifest_without_its_exposure_measure_is_refused() -> None:
 def test_detector_tells_held_out_synthetic_scenes_with_and_without_a_cervix() -> None:
     manifest = manifest_of("detector")
     session = ort_session(MODELS / "detector" / "model.onnx", threads=1)
-    correct = []
+    correct: dict[bool, list[bool]] = {True: [], False: []}  # by whether the scene has a cervix
     for seed in held_out_synthetic_seeds("detector", 30):
         scene = generate_scene(seed, SYNTHETIC_SIZE)
         tensor, _ = prepare(scene.image, manifest.input)
         (logit, _box) = session.run(None, {manifest.input.name: tensor})
         called = 1 / (1 + np.exp(-logit[0, 0])) >= manifest.thresholds["cervix_present"]
-        correct.append(called == scene.labels.cervix_present)
-    assert np.mean(correct) >= 0.8
+        correct[scene.labels.cervix_present].append(called == scene.labels.cervix_present)
+    # Scored per group: 24 of the 30 scenes have a cervix, so "always present" alone would reach 0.8.
+    assert len(correct[False]) >= 3
+    assert np.mean(correct[True]) >= 0.8 and np.mean(correct[False]) >= 0.8
 
 
 def test_segmenter_overlaps_held_out_synthetic_lesions() -> None:
