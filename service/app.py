@@ -30,7 +30,7 @@ from service.telemetry import Metrics, ObservabilityMiddleware
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    register_heif()
+    register_heif(settings.heif_decode_threads)
     models = await anyio.to_thread.run_sync(load_models, settings)  # verifies every sha256
     service = AssessmentService(settings, models, app.state.metrics)
     await anyio.to_thread.run_sync(service.warm_up)
