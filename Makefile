@@ -59,7 +59,8 @@ models: $(DEV_STAMP)
 	done
 
 # CerviGate over HTTP vs a naive PyTorch service vs the decode + inference floor, interleaved in one run:
-# writes bench/out/summary.json, table.md and latency.png (4 min here). Never part of `make test`.
+# writes bench/out/summary.json, table.md and latency.png (4 min here before the two 12 MP HEIC workloads, which
+# add several more, mostly the naive baseline's full decodes). Never part of `make test`.
 bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.run --out bench/out
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import uvicorn
 from fastapi import FastAPI, UploadFile
 from PIL import Image
+from pillow_heif import register_heif_opener
 from torchvision.transforms.functional import normalize, to_tensor
 
 from service.inference.manifest import read_manifest
@@ -45,6 +46,7 @@ MODELS = {
     "segmenter": load("segmenter", LesionSegmenter()),
     "severity": (SwedeMeasures().eval(), True),  # nothing to train: fixed measures
 }
+register_heif_opener()  # HEIC as a first service would read it: pillow-heif's defaults, decoded in full
 app = FastAPI()
 
 

@@ -30,11 +30,16 @@ from PIL import Image
 
 from service.inference.preprocess import crop, crop_box, fit, normalize, prepare
 from service.inference.runtime import load_models
+from service.io.decoding import register_heif
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 ATLAS = REPO.parent / "shared" / "data" / "iarc-atlas"
 PHONE_SIZE = (4032, 3024)  # a 12 MP smartphone photo
+# How an iPhone stores a photo: HEVC tiles of 512 px in a grid, plus a 320x240 thumbnail (Apple's ImageIO
+# writes no larger one). Some cameras add a larger preview; that variant shows what a thumbnail can serve.
+HEIC_TILE = 512
+HEIC_THUMBNAILS = {"12MP atlas HEIC iPhone": [320], "12MP atlas HEIC 1024 thumb": [320, 1024]}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -52,6 +57,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--atlas", type=Path, default=ATLAS)
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        default=None,
+        help="also keep only the workloads whose names contain one of these (a quick look)",
+    )
     return parser
 
 
@@ -64,15 +75,36 @@ def jpeg(image: Image.Image, quality: int = 92) -> bytes:
     return buffer.getvalue()
 
 
+def heic(image: Image.Image, thumbnails: list[int], quality: int = 90, preset: str = "fast") -> bytes:
+    """A HEIC laid out as phones write it: 512 px grid tiles and embedded thumbnails (longest sides)."""
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    buffer = io.BytesIO()
+    image.save(
+        buffer,
+        "HEIF",
+        quality=quality,
+        tile_size=HEIC_TILE,
+        thumbnails=thumbnails,
+        enc_params={"preset": preset},
+    )
+    return buffer.getvalue()
+
+
 def workloads(atlas: Path) -> dict[str, bytes]:
-    """Smartphone-size and preview-size JPEGs from a real atlas photo (when present) and a synthetic scene."""
+    """Smartphone-size and preview-size JPEGs from a real atlas photo (when present) and a synthetic scene,
+    and the 12 MP atlas photo as HEIC, as an iPhone stores it and with a larger embedded thumbnail."""
     from training.data.synthetic import generate_scene
 
     loads: dict[str, bytes] = {}
     photos = sorted(atlas.glob("images_*/case_*/*cetic*.jpg"))
     if photos:
         real = Image.open(photos[0]).convert("RGB")
-        loads["12MP atlas"] = jpeg(real.resize(PHONE_SIZE, Image.Resampling.LANCZOS))
+        phone = real.resize(PHONE_SIZE, Image.Resampling.LANCZOS)
+        loads["12MP atlas"] = jpeg(phone)
+        for name, thumbnails in HEIC_THUMBNAILS.items():
+            loads[name] = heic(phone, thumbnails)
         loads["800x600 atlas"] = photos[0].read_bytes()
         loads["640x480 atlas"] = jpeg(real.resize((640, 480), Image.Resampling.LANCZOS))
     synthetic = Image.fromarray(generate_scene(7, size=PHONE_SIZE).image)
@@ -207,6 +239,7 @@ class Floor:
     The decode is at the smallest DCT scale that gives both the whole-photo stage its `decode_min_side` and
     the crop (here the whole frame, grown by the margin) the quality model's input side: the least decoding
     any implementation of the chain must do (the service may decode twice: coarse, then finer for the crop).
+    A HEIC's draft is its smallest thumbnail that is enough, or the whole photo in full.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -268,6 +301,7 @@ class Cell:
     latencies_ms: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     stage_ms: dict[str, list[float]] = field(default_factory=dict)
+    answers: set[str] = field(default_factory=set)  # decision and reasons, to compare formats of one photo
 
     @property
     def p50(self) -> float:
@@ -305,7 +339,11 @@ def machine_info() -> dict[str, object]:
 def main(args: argparse.Namespace) -> dict[str, object]:
     args.out.mkdir(parents=True, exist_ok=True)
     loads = workloads(args.atlas)
+    if args.workloads:  # the headline and the preview frame stay: the summary is built on them
+        kept = (next(iter(loads)), next(name for name in loads if name.startswith("640x480")))
+        loads = {n: d for n, d in loads.items() if n in kept or any(w in n for w in args.workloads)}
     settings = Settings()
+    register_heif(settings.heif_decode_threads)  # the floor decodes HEIC as the service does
     cervigate = Server("cervigate", [sys.executable, "-m", "service"], "/readyz", "/v1/assess")
     # PyTorch's OpenMP threads busy-wait after each request by default, which would steal the cores from
     # whichever system runs next in the interleaving; passive waiting keeps the comparison fair.
@@ -347,6 +385,8 @@ def main(args: argparse.Namespace) -> dict[str, object]:
                             for body in bodies:
                                 for stage, ms in body.get("timings_ms", {}).items():
                                     cell.stage_ms.setdefault(stage, []).append(ms)
+                                if server is cervigate:
+                                    cell.answers.add(f"{body['decision']} {sorted(body['reasons'])}")
                         if concurrency == 1:
                             cell = cells.setdefault(("floor", workload, 1), Cell("floor", workload, 1))
                             cell.latencies_ms += [floor.once(loads[workload]) for _ in range(args.requests)]
@@ -422,6 +462,7 @@ def summarise(
     )
     best_served, best_naive = best("cervigate"), best("naive")
     full_decode = statistics.median(full_decode_ms)
+    heic = {w: c for (system, w, n), c in cells.items() if system == "cervigate" and n == 1 and "HEIC" in w}
     return {
         "headline_workload": headline,
         "e2e_p50_ms": served.p50,
@@ -442,6 +483,13 @@ def summarise(
         "pillow_full_decode_p50_ms": full_decode,
         "e2e_vs_full_decode": served.p50 / full_decode,
         "rss_mb_peak": rss_peak,
+        # The same photo as HEIC against the headline JPEG: p50 at one client, and whether answers agreed.
+        "heic_p50_ms": {w: c.p50 for w, c in heic.items()},
+        "heic_vs_jpeg": {w: c.p50 / served.p50 for w, c in heic.items()},
+        "heic_decode_p50_ms": {
+            w: float(np.median(c.stage_ms.get("decode", [np.nan]))) for w, c in heic.items()
+        },
+        "heic_same_answers_as_jpeg": {w: c.answers == served.answers for w, c in heic.items()},
         "naive_weights_trained": naive_weights,
         "cells": [
             {
@@ -464,7 +512,7 @@ def write_outputs(out: Path, summary: dict[str, object], cells: dict[tuple[str, 
     lines = [
         f"Headline workload: {summary['headline_workload']} (p50 at concurrency 1, throughput at the best "
         "concurrency). Targets: speedup ≥ 4, overhead ≤ 1.25, quality p50 ≤ 10 ms, 12 MP ≤ 0.6 × full decode "
-        "RSS ≤ 600 MB.",
+        "RSS ≤ 600 MB, 12 MP HEIC ≤ 2 × the JPEG.",
         "",
         "| figure | value |",
         "|---|---|",
@@ -486,6 +534,12 @@ def write_outputs(out: Path, summary: dict[str, object], cells: dict[tuple[str, 
         "rss_mb_peak",
     ):
         lines.append(f"| {key} | {summary[key]:.2f} |")
+    for workload, ratio in summary["heic_vs_jpeg"].items():  # type: ignore[attr-defined]
+        same = "same" if summary["heic_same_answers_as_jpeg"][workload] else "**different**"  # type: ignore[index]
+        lines.append(
+            f"| {workload} p50 / JPEG p50 | {ratio:.2f} ({summary['heic_p50_ms'][workload]:.1f} ms; "  # type: ignore[index]
+            f"{same} answers) |"
+        )
     stages = ", ".join(f"{k} {v:.1f}" for k, v in summary["stage_p50_ms"].items())  # type: ignore[attr-defined]
     lines += [
         "",

@@ -35,7 +35,7 @@ log = logging.getLogger("cervigate")
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    register_heif()
+    register_heif(settings.heif_decode_threads)
     warning = sizing.check_memory(
         settings.max_inflight,
         settings.max_upload_bytes,

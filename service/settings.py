@@ -140,3 +140,13 @@ class Settings(BaseSettings):
         description="a cervix touching one frame edge (not the opposite one) and spanning less than this "
         "share of the frame along that axis: cervix_cut_off",
     )
+
+    @property
+    def heif_decode_threads(self) -> int:
+        """libheif threads per HEIC decode (a grid photo's tiles decode in parallel): each worker's share
+        of the cores, doubled where `overlap_stages` lets a request borrow an idle core, so a lone iPhone
+        photo decodes on two cores; under load the extra thread only shares its worker's core."""
+        cores = available_cpus()
+        share = max(1, cores // self.inference_workers)
+        borrows = self.overlap_stages and self.inference_workers > 1
+        return min(cores, share * 2) if borrows else share

@@ -29,7 +29,10 @@ def test_summary_figures_come_from_the_right_cells(tmp_path: Path) -> None:
         ("naive", "12MP", 1): _cell("naive", "12MP", 1, 400.0, 4.0),
         ("naive", "12MP", 4): _cell("naive", "12MP", 4, 800.0, 2.0),  # 5 req/s
         ("floor", "12MP", 1): _cell("floor", "12MP", 1, 40.0, 0.4),
+        ("cervigate", "12MP HEIC", 1): _cell("cervigate", "12MP HEIC", 1, 90.0, 0.9),
     }
+    cells[("cervigate", "12MP", 1)].answers = {"diagnosis []"}
+    cells[("cervigate", "12MP HEIC", 1)].answers = {"recapture ['not_sharp']"}
     quality, quality_floor = Cell("q", "640x480", 1, [20.0] * 5, 0.1), Cell("qf", "640x480", 1, [8.0] * 5)
     full_decode_ms = [100.0, 110.0, 120.0]
     summary = summarise(cells, quality, quality_floor, "12MP", full_decode_ms, 300.0, {"detector": True})
@@ -41,8 +44,12 @@ def test_summary_figures_come_from_the_right_cells(tmp_path: Path) -> None:
     assert summary["quality_n"] == 5
     assert summary["e2e_vs_full_decode"] == pytest.approx(50.0 / 110.0)
     assert summary["stage_p50_ms"] == {"decode": 5.0, "total": 48.0}
+    assert summary["heic_vs_jpeg"] == {"12MP HEIC": pytest.approx(90.0 / 50.0)}
+    assert summary["heic_decode_p50_ms"] == {"12MP HEIC": 5.0}
+    assert summary["heic_same_answers_as_jpeg"] == {"12MP HEIC": False}
     write_outputs(tmp_path, summary, cells)
     assert {p.name for p in tmp_path.iterdir()} == {"summary.json", "table.md", "latency.png"}
     table = (tmp_path / "table.md").read_text()
     assert "| overhead_vs_floor | 1.25 |" in table
+    assert "| 12MP HEIC p50 / JPEG p50 | 1.80 (90.0 ms; **different** answers) |" in table
     assert "one phone, 5 preview frames" in table

@@ -3,7 +3,12 @@
 A 12 MP phone JPEG costs about five times more to decode at full size than at 1/4 scale (libjpeg's DCT
 scaling), and the detector only needs 192 px. So JPEGs are decoded at the smallest DCT scale that keeps
 `decode_min_side`; if the cervix then turns out too small in those pixels for the focus check (which must
-not judge an upsampled crop), the crop is decoded again at full resolution.
+not judge an upsampled crop), the crop is decoded again at the smallest scale that is enough.
+
+HEVC has no such scaling, but a HEIC may carry embedded thumbnails (scaled copies of the photo): the
+smallest one that keeps `decode_min_side` stands in for the reduced decode, and a larger one for the crop
+when it has enough pixels; otherwise the photo is decoded in full, its grid tiles on `decode_threads`.
+PNG has neither (Pillow decodes it in full, once, and the crop is cut from those pixels).
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ SUPPORTED_FORMATS = {
     "WEBP": "image/webp",
     "HEIF": "image/heif",
 }
-_DCT_SCALED = {"JPEG", "MPO"}
+# Formats Pillow can decode smaller than stored: JPEG by DCT scaling, HEIF by picking an embedded thumbnail
+# (pillow-heif's draft() takes only a scaled copy: same aspect ratio, rotation, mirroring, crop and profile).
+_REDUCIBLE = {"JPEG", "MPO", "HEIF"}
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
 # Every upload's pixel count is checked against the service's own limit before decoding, so Pillow's
 # warning for large images is noise here (its hard error above twice its limit still applies).
@@ -36,11 +43,13 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 logging.getLogger("PIL").setLevel(logging.INFO)
 
 
-def register_heif() -> None:
-    """Teach Pillow HEIC/HEIF (iPhones' default format). Idempotent."""
+def register_heif(decode_threads: int = 1) -> None:
+    """Teach Pillow HEIC/HEIF (iPhones' default format). Idempotent. `decode_threads`: how many of a
+    grid image's tiles libheif decodes at once (pillow-heif's default, 4, ignores how many requests the
+    service decodes side by side)."""
     from pillow_heif import register_heif_opener
 
-    register_heif_opener()
+    register_heif_opener(decode_threads=decode_threads)
 
 
 class UploadRejected(ValueError):
@@ -85,7 +94,7 @@ class DecodedImage:
     original_size: tuple[int, int]  # (width, height) of the upright full-resolution image
     media_type: str
     _data: bytes = field(repr=False)
-    _full: np.ndarray | None = field(default=None, repr=False)  # a finer decode, when one was needed
+    _full: np.ndarray | None = field(default=None, repr=False)  # pixels finer than `rgb`, when there are
 
     @property
     def scale(self) -> float:
@@ -94,7 +103,7 @@ class DecodedImage:
     def region(self, box: tuple[int, int, int, int], min_side: int) -> np.ndarray:
         """Pixels of `box` (original coordinates) with at least `min_side` pixels on its short side where
         the original has them: from the decoded pixels when they suffice, else from a finer decode (the
-        smallest JPEG DCT scale that is enough, or full resolution), made once and kept."""
+        smallest JPEG DCT scale or HEIC thumbnail that is enough, or full resolution), made once and kept."""
         x0, y0, x1, y1 = box
         needed = min(1.0, min_side / max(1, min(x1 - x0, y1 - y0)))
         pixels = self.rgb
@@ -129,13 +138,16 @@ def decode_upload(data: bytes, limits: DecodeLimits) -> DecodedImage:
             )
         if image.format != "MPO" and getattr(image, "n_frames", 1) > 1:
             raise AnimatedImage("animated images are not accepted; send a single photo")
-        rgb, orientation, drafted = _decode_opened(image, draft_side=limits.decode_min_side)
+        rgb, orientation, drafted = _decode_opened(image, data, draft_side=limits.decode_min_side)
     upright_size = (height, width) if orientation in _SWAPS_AXES else (width, height)
-    full = None if drafted else rgb
+    decoded = rgb
     factor = min(rgb.shape[:2]) // limits.decode_min_side
     if factor >= 2:  # still far more pixels than the whole-photo stage needs: a cheap box reduction
         rgb = np.asarray(Image.fromarray(rgb).reduce(factor))
-    return DecodedImage(rgb=rgb, original_size=upright_size, media_type=media_type, _data=data, _full=full)
+    # Pixels finer than the reduction are kept for the crop: a HEIC thumbnail costs as much to decode again
+    # as it did the first time, with no cheaper scale to ask for.
+    finer = None if drafted and decoded is rgb else decoded
+    return DecodedImage(rgb=rgb, original_size=upright_size, media_type=media_type, _data=data, _full=finer)
 
 
 def _formats() -> list[str]:
@@ -161,22 +173,33 @@ def _open(data: bytes) -> Image.Image:
 
 def _decode(data: bytes, draft_side: int | None) -> tuple[np.ndarray, int, bool]:
     with _open(data) as image:
-        return _decode_opened(image, draft_side)
+        return _decode_opened(image, data, draft_side)
 
 
-def _decode_opened(image: Image.Image, draft_side: int | None) -> tuple[np.ndarray, int, bool]:
-    """Upright RGB pixels, the EXIF orientation applied, and whether JPEG DCT scaling reduced them."""
+def _decode_opened(image: Image.Image, data: bytes, draft_side: int | None) -> tuple[np.ndarray, int, bool]:
+    """Upright RGB pixels, the EXIF orientation applied, and whether a reduced decode (JPEG DCT scaling,
+    a HEIC thumbnail) gave them."""
     try:
         header_size = image.size
-        if draft_side is not None and image.format in _DCT_SCALED:
+        if draft_side is not None and image.format in _REDUCIBLE:
             image.draft("RGB", (draft_side, draft_side))
         drafted = image.size != header_size
+        if drafted and not _same_shape(image.size, header_size):
+            # Boxes are mapped back by one scale factor, so a thumbnail of another shape would misplace
+            # them (pillow-heif should never pick one): decode in full instead.
+            return _decode(data, draft_side=None)
         orientation = exif_orientation(image)
         return np.asarray(to_rgb(image, orientation)), orientation, drafted
-    except MemoryError:
+    except (MemoryError, UploadRejected):
         raise
     except Exception as error:  # truncated data, corrupt chunks, codec errors: all the client's file
         raise UploadRejected(
             f"the image could not be decoded ({type(error).__name__}); it may be truncated or corrupt: "
             "take or send the photo again"
         ) from error
+
+
+def _same_shape(reduced: tuple[int, int], full: tuple[int, int]) -> bool:
+    """Whether `reduced` is `full` scaled down, within two pixels of rounding (pillow-heif's allowance)."""
+    (w, h), (full_w, full_h) = reduced, full
+    return abs(w * full_h - h * full_w) <= 2 * max(full_w, full_h)
