@@ -17,10 +17,11 @@ from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 MB = 1 << 20
-# Measured with bench/memory.py (peak RSS growth while one upload of each format is assessed at the
-# `max_pixels` default; the worst format counts), and RSS after warm-up under load (`make bench`).
-DECODE_BYTES_PER_PIXEL = 4.2
-BASELINE_BYTES = 430 * MB
+# Measured (README "Sizing"): bench/memory.py's peak RSS growth while one 50 MP upload is assessed, the worst
+# format counting (WebP 16.0 bytes per pixel, inside Pillow's decoder; HEIC 7.3, PNG 4.0, JPEG 0.2), and the
+# resident size at the end of `make loadtest`'s 10,000-request soak (322 MB), rounded up.
+DECODE_BYTES_PER_PIXEL = 16.0
+BASELINE_BYTES = 330 * MB
 
 
 def available_cpus(root: Path = CGROUP_ROOT) -> int:

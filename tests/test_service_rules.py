@@ -200,6 +200,17 @@ def test_png_is_reduced_for_the_whole_photo_and_cropped_from_full() -> None:
     np.testing.assert_array_equal(image.region((0, 0, 500, 400), min_side=256), pixels[:400, :500])
 
 
+def test_a_crop_from_a_full_decode_is_reduced_to_what_the_stage_needs_and_no_further() -> None:
+    pixels = np.random.default_rng(2).integers(0, 255, (2600, 2800, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG", compress_level=1)
+    image = decode_upload(buffer.getvalue(), LIMITS)  # the whole photo at 1/4: too coarse for this crop
+    reduced = image.region((0, 0, 2400, 2200), min_side=700)
+    # 2200 // 700 = 3: reduced by a whole factor (as JPEG's DCT scaling would), short side still >= 700.
+    np.testing.assert_array_equal(reduced, np.asarray(Image.fromarray(pixels[:2200, :2400]).reduce(3)))
+    assert min(reduced.shape[:2]) >= 700
+
+
 def test_exif_rotation_swaps_the_reported_size() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6

@@ -94,7 +94,9 @@ class DecodedImage:
     original_size: tuple[int, int]  # (width, height) of the upright full-resolution image
     media_type: str
     _data: bytes = field(repr=False)
-    _full: np.ndarray | None = field(default=None, repr=False)  # pixels finer than `rgb`, when there are
+    # Pixels finer than `rgb`, when there are, kept as Pillow decoded them: a crop is cut from them without
+    # copying the whole photo into an array first (a 50 MP PNG would need 150 MB more for that).
+    _full: Image.Image | None = field(default=None, repr=False)
 
     @property
     def scale(self) -> float:
@@ -106,48 +108,65 @@ class DecodedImage:
         smallest JPEG DCT scale or HEIC thumbnail that is enough, or full resolution), made once and kept."""
         x0, y0, x1, y1 = box
         needed = min(1.0, min_side / max(1, min(x1 - x0, y1 - y0)))
-        pixels = self.rgb
-        if self.scale < needed:
-            if self._full is None or self._full.shape[1] / self.original_size[0] < needed:
-                side = math.ceil(min(self.original_size) * needed)
-                self._full, _, _ = _decode(self._data, draft_side=side)
-            pixels = self._full
-        s = pixels.shape[1] / self.original_size[0]
+        if self.scale >= needed:
+            s = self.scale
+            top, left = round(y0 * s), round(x0 * s)
+            return self.rgb[top : max(round(y1 * s), top + 1), left : max(round(x1 * s), left + 1)]
+        if self._full is None or self._full.width / self.original_size[0] < needed:
+            side = math.ceil(min(self.original_size) * needed)
+            self._full, _, _ = _decode(self._data, draft_side=side)
+        s = self._full.width / self.original_size[0]
         top, left = round(y0 * s), round(x0 * s)
-        return pixels[top : max(round(y1 * s), top + 1), left : max(round(x1 * s), left + 1)]
+        area = (left, top, max(round(x1 * s), left + 1), max(round(y1 * s), top + 1))
+        # A full decode (PNG, WebP, a HEIC without a large thumbnail) can give far more pixels than the
+        # stages need: reduce by whole factors, as JPEG's DCT scaling does, never below `min_side`; the
+        # region is reduced in place, without copying it out at full size first.
+        factor = min(area[2] - area[0], area[3] - area[1]) // min_side
+        return np.asarray(self._full.reduce(factor, box=area) if factor >= 2 else self._full.crop(area))
 
 
 def decode_upload(data: bytes, limits: DecodeLimits) -> DecodedImage:
     """Validate and decode an upload, refusing unsupported, oversized and animated images before decoding."""
-    with _open(data) as image:
-        media_type = SUPPORTED_FORMATS.get(image.format or "")
-        if media_type is None:
-            raise UnsupportedImageType(
-                f"{image.format or 'this'} images are not accepted; send JPEG, PNG, WebP or HEIC"
-            )
-        width, height = image.size
-        if width * height > limits.max_pixels:
-            raise TooManyPixels(
-                f"the image is {width}x{height} pixels, more than the {limits.max_pixels} allowed; "
-                "send the photo at a lower resolution"
-            )
-        if min(width, height) < limits.min_side:
-            raise ImageTooSmall(
-                f"the image is {width}x{height} pixels; send a photo at least {limits.min_side} pixels "
-                "on its short side"
-            )
-        if image.format != "MPO" and getattr(image, "n_frames", 1) > 1:
-            raise AnimatedImage("animated images are not accepted; send a single photo")
-        rgb, orientation, drafted = _decode_opened(image, data, draft_side=limits.decode_min_side)
+    image = _open(data)
+    try:
+        width, height, media_type = _check(image, limits)
+        decoded, orientation, drafted = _decode_opened(image, data, draft_side=limits.decode_min_side)
+    except BaseException:
+        image.close()
+        raise
+    if decoded is not image:
+        image.close()
     upright_size = (height, width) if orientation in _SWAPS_AXES else (width, height)
-    decoded = rgb
-    factor = min(rgb.shape[:2]) // limits.decode_min_side
-    if factor >= 2:  # still far more pixels than the whole-photo stage needs: a cheap box reduction
-        rgb = np.asarray(Image.fromarray(rgb).reduce(factor))
+    factor = min(decoded.size) // limits.decode_min_side
+    # Still far more pixels than the whole-photo stage needs: a cheap box reduction.
+    rgb = np.asarray(decoded.reduce(factor) if factor >= 2 else decoded)
     # Pixels finer than the reduction are kept for the crop: a HEIC thumbnail costs as much to decode again
     # as it did the first time, with no cheaper scale to ask for.
-    finer = None if drafted and decoded is rgb else decoded
+    finer = None if drafted and factor < 2 else decoded
     return DecodedImage(rgb=rgb, original_size=upright_size, media_type=media_type, _data=data, _full=finer)
+
+
+def _check(image: Image.Image, limits: DecodeLimits) -> tuple[int, int, str]:
+    """Width, height and media type of an opened upload that the service will decode; else UploadRejected."""
+    media_type = SUPPORTED_FORMATS.get(image.format or "")
+    if media_type is None:
+        raise UnsupportedImageType(
+            f"{image.format or 'this'} images are not accepted; send JPEG, PNG, WebP or HEIC"
+        )
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise TooManyPixels(
+            f"the image is {width}x{height} pixels, more than the {limits.max_pixels} allowed; "
+            "send the photo at a lower resolution"
+        )
+    if min(width, height) < limits.min_side:
+        raise ImageTooSmall(
+            f"the image is {width}x{height} pixels; send a photo at least {limits.min_side} pixels "
+            "on its short side"
+        )
+    if image.format != "MPO" and getattr(image, "n_frames", 1) > 1:
+        raise AnimatedImage("animated images are not accepted; send a single photo")
+    return width, height, media_type
 
 
 def _formats() -> list[str]:
@@ -171,14 +190,22 @@ def _open(data: bytes) -> Image.Image:
         ) from error
 
 
-def _decode(data: bytes, draft_side: int | None) -> tuple[np.ndarray, int, bool]:
-    with _open(data) as image:
-        return _decode_opened(image, data, draft_side)
+def _decode(data: bytes, draft_side: int | None) -> tuple[Image.Image, int, bool]:
+    image = _open(data)
+    try:
+        decoded = _decode_opened(image, data, draft_side)
+    except BaseException:
+        image.close()
+        raise
+    if decoded[0] is not image:
+        image.close()
+    return decoded
 
 
-def _decode_opened(image: Image.Image, data: bytes, draft_side: int | None) -> tuple[np.ndarray, int, bool]:
+def _decode_opened(image: Image.Image, data: bytes, draft_side: int | None) -> tuple[Image.Image, int, bool]:
     """Upright RGB pixels, the EXIF orientation applied, and whether a reduced decode (JPEG DCT scaling,
-    a HEIC thumbnail) gave them."""
+    a HEIC thumbnail) gave them. An upright RGB image comes back as itself, loaded, not copied: the caller
+    must not close it (closing frees its pixels), and need not (it reads from bytes in memory)."""
     try:
         header_size = image.size
         if draft_side is not None and image.format in _REDUCIBLE:
@@ -189,7 +216,9 @@ def _decode_opened(image: Image.Image, data: bytes, draft_side: int | None) -> t
             # them (pillow-heif should never pick one): decode in full instead.
             return _decode(data, draft_side=None)
         orientation = exif_orientation(image)
-        return np.asarray(to_rgb(image, orientation)), orientation, drafted
+        rgb = to_rgb(image, orientation)
+        rgb.load()  # decode here, inside the error handling: a truncated file fails now, as a 422
+        return rgb, orientation, drafted
     except (MemoryError, UploadRejected):
         raise
     except Exception as error:  # truncated data, corrupt chunks, codec errors: all the client's file

@@ -61,7 +61,8 @@ def to_rgb(image: Image.Image, orientation: int | None = None) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    # Already RGB: no copy (convert() would make one, the size of the photo).
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def load_rgb(source: str | Path | bytes) -> np.ndarray:
