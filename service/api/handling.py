@@ -41,7 +41,8 @@ T = TypeVar("T")
 
 
 class DeadlinePassed(Exception):
-    """The request's deadline passed before a compute slot was free: its work was dropped unstarted."""
+    """A photo's work was dropped unstarted: its deadline passed in the queue, or its turn came too late
+    for it to finish in time."""
 
 
 class Admission:
