@@ -59,13 +59,14 @@ models: $(DEV_STAMP)
 	done
 
 # CerviGate over HTTP vs a naive PyTorch service vs the decode + inference floor, interleaved in one run:
-# writes bench/out/summary.json, table.md and latency.png (4 min here before the two 12 MP HEIC workloads, which
-# add several more, mostly the naive baseline's full decodes). Never part of `make test`.
+# writes bench/out/summary.json, table.md and latency.png (7 min here with the two 12 MP HEIC workloads). Never
+# part of `make test`.
 bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.run --out bench/out
 
-# Capacity, overload at 2x capacity (503 + Retry-After shedding) and a 10,000-request soak (RSS growth), over
-# loopback against a server it starts: bench/out/loadtest.json. 6 min here; CI runs a short variant.
+# Capacity, 60 s of overload at 4x capacity (503 + Retry-After shedding), the minute after, a 10,000-request soak
+# (RSS growth) and the deadline-storm scenario, over loopback against servers it starts: bench/out/loadtest.json.
+# 9 min here; CI runs a short variant.
 loadtest: $(DEV_STAMP)
 	$(BIN)/python -m bench.loadtest --out bench/out
 
