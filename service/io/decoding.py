@@ -117,7 +117,9 @@ class DecodedImage:
             self._full, _, _ = _decode(self._data, draft_side=side)
         s = self._full.width / self.original_size[0]
         top, left = round(y0 * s), round(x0 * s)
-        area = (left, top, max(round(x1 * s), left + 1), max(round(y1 * s), top + 1))
+        width, height = self._full.size
+        left, top = min(left, width - 1), min(top, height - 1)  # reduce() refuses a box outside the image
+        area = (left, top, min(max(round(x1 * s), left + 1), width), min(max(round(y1 * s), top + 1), height))
         # A full decode (PNG, WebP, a HEIC without a large thumbnail) can give far more pixels than the
         # stages need: reduce by whole factors, as JPEG's DCT scaling does, never below `min_side`; the
         # region is reduced in place, without copying it out at full size first.
