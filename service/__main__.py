@@ -14,6 +14,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from service import sizing
 from service.app import create_app
 from service.settings import Settings
 from service.telemetry import configure_logging
@@ -42,6 +43,8 @@ class DrainingServer(uvicorn.Server):
 def main() -> None:
     settings = Settings()
     configure_logging(settings.log_level)
+    # The server process only (not tests or tools that import the app): set before any photo is decoded.
+    sizing.set_mmap_threshold(settings.malloc_mmap_threshold_bytes)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

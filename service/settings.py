@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     upload_timeout_s: float = Field(
         default=30.0, gt=0, description="a request body not received within this gets 408"
     )
+    malloc_mmap_threshold_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=0,
+        description="`python -m service` has glibc give allocations this large their own mappings, freed "
+        "back to the system, so big photo buffers do not stay resident (0 = glibc's own, growing threshold)",
+    )
     refused_body_drain_bytes: int = Field(
         default=1024 * 1024 * 1024,
         ge=0,

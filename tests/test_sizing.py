@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,9 @@ def test_the_compose_settings_fit_the_compose_memory_limit_with_the_largest_acce
 def test_settings_past_the_limit_get_a_warning_that_names_what_to_lower() -> None:
     warning = sizing.check_memory(32, 20 << 20, 2, 50_000_000, 1 << 30)
     assert warning is not None and "CERVIGATE_MAX_INFLIGHT" in warning and "README" in warning
+
+
+def test_the_mmap_threshold_is_set_on_glibc_and_left_alone_for_zero() -> None:
+    assert sizing.set_mmap_threshold(0) is False
+    took = sizing.set_mmap_threshold(Settings().malloc_mmap_threshold_bytes)
+    assert took is (platform.libc_ver()[0] == "glibc")
