@@ -109,7 +109,7 @@ def test_queued_work_whose_turn_comes_too_late_for_its_kind_is_dropped_but_a_fre
         service: AssessmentService = client.app.state.service
         gate = GatedPipeline(service.pipeline.assess)
         monkeypatch.setattr(service.pipeline, "assess", gate)
-        kind = _work_kind(False, Photo([FRAME], len(FRAME)))
+        kind = _work_kind(False, Photo([FRAME]))
         service.durations.record(kind, 10.0)  # such work took 10 s lately: more than any deadline left
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(client.post, "/v1/quality", content=FRAME, headers=JPEG)

@@ -40,7 +40,10 @@ class Photo:
     """One photo's bytes as they arrived."""
 
     chunks: list[bytes] = field(default_factory=list)
-    size: int = 0
+
+    @property
+    def size(self) -> int:
+        return sum(map(len, self.chunks))
 
     def data(self) -> bytes:
         """The photo as one bytes object: a copy of it all, so call it on a worker thread."""
@@ -55,7 +58,7 @@ async def read_image(request: Request, max_bytes: int, timeout_s: float) -> Phot
         photo = _only_image(form.finish())
     else:
         photo = Photo()
-        await _read_in_time(request, max_bytes, timeout_s, _appending_to(photo))
+        await _read_in_time(request, max_bytes, timeout_s, photo.chunks.append)
     if not photo.size:
         raise ProblemError(400, "empty_upload", "the image is empty: attach the photo")
     return photo
@@ -147,14 +150,6 @@ async def _read_body(request: Request, max_bytes: int, consume: Callable[[bytes]
             consume(chunk)
 
 
-def _appending_to(photo: Photo) -> Callable[[bytes], None]:
-    def append(chunk: bytes) -> None:
-        photo.chunks.append(chunk)
-        photo.size += len(chunk)
-
-    return append
-
-
 def _too_large(max_bytes: int) -> ProblemError:
     message = f"the upload is over {describe_size(max_bytes)}; send a smaller photo"
     return ProblemError(413, "upload_too_large", message)
@@ -241,7 +236,7 @@ class _StreamingForm:
                 raise _too_many_images(self.max_images)
             photo = Photo()
             self.form.images.append(photo)
-            self._sink = _appending_to(photo)
+            self._sink = photo.chunks.append
         elif b"filename" not in options:
             self._field_name, self._field = name, []
             self._sink = self._field_data
