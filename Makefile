@@ -8,11 +8,12 @@ BIN := $(VENV)/bin
 SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: help serve test test-fast models bench lint loadtest audit clean
+.PHONY: help serve test test-fast web web-if-possible models bench bench-capture lint loadtest audit clean
 
 help:
 	@echo "make serve   - run the service on the shipped models (installs .[serve])"
 	@echo "make test    - run the whole test suite (installs .[serve,train,dev])"
+	@echo "make web     - build the capture web app into service/web/static (needs Node.js 20+ and npm)"
 	@echo "make models  - train, evaluate and export the four models into models/"
 	@echo "make bench   - benchmark the service against a naive baseline and the inference floor"
 	@echo "make lint    - ruff and mypy"
@@ -31,15 +32,37 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[serve,train,dev]'
 	@touch $@ $(SERVE_STAMP)
 
+# The capture web app (web/, TypeScript): type-checked and bundled by esbuild into service/web/static/, which
+# the service serves at /capture/. Rebuilt when a source or the lock file changes; npm installs exactly the
+# lock file's versions. Without npm, `make serve` still serves the API and /capture/ says how to build it.
+WEB_BUILD := service/web/static/build.json
+WEB_SOURCES := $(wildcard web/src/*.ts web/public/*) web/build.mjs web/package-lock.json web/tsconfig.json
+WEB_MODULES := web/node_modules/.package-lock.json
+
+$(WEB_MODULES): web/package-lock.json
+	cd web && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+$(WEB_BUILD): $(WEB_SOURCES) $(WEB_MODULES)
+	cd web && npm run --silent typecheck && npm run --silent build
+
+web: $(WEB_BUILD)
+
+# Builds the web app when npm is there; says so and goes on when it is not (the API does not need it).
+web-if-possible:
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory web; \
+	else echo "warning: npm not found: the capture app at /capture/ is not built (install Node.js 20+ and npm)" >&2; fi
+
 # Host, port, models and limits come from CERVIGATE_* variables or a .env file (README: Configuration).
-serve: $(SERVE_STAMP)
+serve: $(SERVE_STAMP) web-if-possible
 	$(BIN)/python -m service
 
-test: $(DEV_STAMP)
+# The browser tests need the built app (and Chromium: .ci/run installs it).
+test: $(DEV_STAMP) web
 	$(BIN)/python -m pytest
 
 # Everything but the tests marked slow, for a quick local loop (CI always runs the full `make test`).
-test-fast: $(DEV_STAMP)
+test-fast: $(DEV_STAMP) web
 	$(BIN)/python -m pytest -m "not slow"
 
 # Train, evaluate and export the four models into models/, each with a copy of its evaluation report
@@ -64,6 +87,11 @@ models: $(DEV_STAMP)
 bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.run --out bench/out
 
+# The capture app in Chromium with the fake atlas camera: preview frames per second against the gate's round
+# trip, and the time from "hold still" to an auto-captured assessment: bench/out/capture.json (about 1 min).
+bench-capture: $(DEV_STAMP) web
+	$(BIN)/python -m bench.capture --out bench/out
+
 # Capacity, 60 s of overload at 4x capacity (503 + Retry-After shedding), the minute after, a 10,000-request soak
 # (RSS growth) and the deadline-storm scenario, over loopback against servers it starts: bench/out/loadtest.json.
 # 9 min here; CI runs a short variant.
@@ -80,10 +108,11 @@ audit: $(DEV_STAMP)
 		echo "warning: pip-audit could not fetch vulnerability data for $$unaudited packages (PyPI JSON API unreachable?)" >&2; \
 	fi; exit $$status
 
-lint: $(DEV_STAMP)
+lint: $(DEV_STAMP) $(WEB_MODULES)
+	cd web && npm run --silent typecheck
 	$(BIN)/ruff check service training tests bench
 	$(BIN)/ruff format --check service training tests bench
 	$(BIN)/mypy service training bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache web/node_modules service/web/static

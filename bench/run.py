@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -133,10 +134,12 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    scheme: str = "http"
+    verify: bool | ssl.SSLContext = True  # for https: trusts the CA (or self-signed certificate) it was given
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         env = os.environ | self.env | {"CERVIGATE_PORT": str(self.port), "CERVIGATE_LOG_LEVEL": "warning"}
@@ -147,7 +150,7 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode} while starting")
             try:
-                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=2, verify=self.verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

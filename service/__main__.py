@@ -54,6 +54,8 @@ def main() -> None:
         access_log=False,  # the service writes its own access log, without query strings
         server_header=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        ssl_certfile=settings.tls_certfile,
+        ssl_keyfile=settings.tls_keyfile,
     )
     DrainingServer(config, app, settings.shutdown_drain_s).run()
 

@@ -28,6 +28,7 @@ from service.render.problems import install_problem_handlers
 from service.render.schemas import Problem
 from service.settings import Settings
 from service.telemetry import Metrics, ObservabilityMiddleware
+from service.web.capture import CAPTURE_PATH, mount_capture_app
 
 log = logging.getLogger("cervigate")
 
@@ -81,11 +82,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(api, dependencies=[Depends(require_api_key)] if app.state.keys.api else [])
     app.include_router(router)
+    if settings.capture_app:
+        mount_capture_app(app, settings.capture_app_dir)
     install_problem_handlers(app)
     # Metric labels only ever take these values (or "other"), so a scanner cannot explode cardinality.
     known_paths = {getattr(route, "path", "") for route in (*api.routes, *router.routes)} | {
         "/docs",
         "/openapi.json",
+        CAPTURE_PATH,
     }
     if settings.cors_origins:  # closed unless configured: the API serves apps, not arbitrary web pages
         app.add_middleware(
@@ -100,7 +104,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.refused_body_drain_bytes,
         max_seconds=settings.refused_body_drain_s,
     )
-    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics, known_paths=known_paths)
+    app.add_middleware(
+        ObservabilityMiddleware,
+        metrics=app.state.metrics,
+        known_paths=known_paths,
+        known_prefixes=(CAPTURE_PATH + "/",),
+    )
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.sizing import available_cpus
 
 REPO_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+CAPTURE_APP_DIR = Path(__file__).resolve().parent / "web" / "static"  # what `make web` builds
 
 
 class Settings(BaseSettings):
@@ -20,6 +21,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # HTTPS: a phone's browser opens the camera only on a secure page (https://, or localhost), so a capture
+    # app used from phones on the clinic LAN needs a certificate (README: HTTPS on the clinic network).
+    tls_certfile: Path | None = Field(default=None, description="PEM certificate (chain); with tls_keyfile")
+    tls_keyfile: Path | None = Field(default=None, description="PEM private key of tls_certfile")
+    capture_app: bool = Field(default=True, description="serve the capture web app at /capture/")
+    capture_app_dir: Path = Field(default=CAPTURE_APP_DIR, description="the capture app's built files")
 
     # Models and ONNX Runtime.
     models_dir: Path = Field(
@@ -146,6 +153,19 @@ class Settings(BaseSettings):
         description="a cervix touching one frame edge (not the opposite one) and spanning less than this "
         "share of the frame along that axis: cervix_cut_off",
     )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("set both CERVIGATE_TLS_CERTFILE and CERVIGATE_TLS_KEYFILE, or neither")
+        for path in (self.tls_certfile, self.tls_keyfile):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {path} does not exist: give the path of a PEM file")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_certfile else "http"
 
     @property
     def heif_decode_threads(self) -> int:

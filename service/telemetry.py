@@ -166,8 +166,16 @@ async def _send_internal_error(send: Send, request_id: str, path: str) -> None:
 class ObservabilityMiddleware:
     """Request id, request metrics and one access-log line per request (pure ASGI: no body buffering)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, known_paths: set[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, known_paths: set[str], known_prefixes: tuple[str, ...] = ()
+    ) -> None:
         self.app, self.metrics, self.known_paths = app, metrics, known_paths
+        self.known_prefixes = known_prefixes  # a static tree counts as one endpoint: its prefix
+
+    def endpoint(self, path: str) -> str:
+        if path in self.known_paths:
+            return path
+        return next((prefix for prefix in self.known_prefixes if path.startswith(prefix)), "other")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -176,7 +184,7 @@ class ObservabilityMiddleware:
         request_id = request_id_from(scope.get("headers", []))
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
-        endpoint = scope["path"] if scope["path"] in self.known_paths else "other"
+        endpoint = self.endpoint(scope["path"])
         status = 500
         response_started = False
         started = time.perf_counter()

@@ -99,9 +99,20 @@ def test_dockerfile_shape(dockerfile: Path) -> None:
     assert "torch" not in text
 
 
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_build_the_capture_app_as_make_does(dockerfile: Path) -> None:
+    text, makefile = dockerfile.read_text(), (REPO / "Makefile").read_text()
+    for command in (
+        "npm ci --no-audit --no-fund --loglevel=error",
+        "npm run --silent typecheck && npm run --silent build",
+    ):
+        assert command in text and command in makefile
+    assert "COPY --from=web /src/service/web/static/ service/web/static/" in text
+
+
 def test_dockerignore_keeps_the_context_small() -> None:
     ignored = (REPO / ".dockerignore").read_text().split()
-    for heavy in (".venv", "runs", ".git", "tests", "training"):
+    for heavy in (".venv", "runs", ".git", "tests", "training", "web/node_modules", "service/web/static"):
         assert heavy in ignored
 
 
@@ -308,6 +319,8 @@ def test_dockerfile_install_and_start_lines_work(tmp_path: Path) -> None:
         _wait_for(f"http://127.0.0.1:{port}/readyz", 60, process)
         models = json.loads(_get(f"http://127.0.0.1:{port}/v1/models"))["models"]
         assert len(models) == 4
+        # The capture app ships inside the package (package data), not beside the repository.
+        assert b"<title>CerviGate capture</title>" in _get(f"http://127.0.0.1:{port}/capture/")
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -17,6 +17,7 @@ from service.api import access
 from service.api.handling import AssessmentService
 from service.render.problems import ProblemError
 from service.render.reasons import negotiate_language
+from service.render.schemas import StageName
 
 INCLUDE_PATTERN = r"^(mask|overlay)(,(mask|overlay))*$"
 EXAM_INCLUDE_PATTERN = r"^(mask|overlay|contact_sheet)(,(mask|overlay|contact_sheet))*$"
@@ -67,6 +68,19 @@ async def get_exam_include(
     return set(include.split(",")) if include else set()
 
 
+async def get_stage(
+    stage: Annotated[
+        StageName,
+        Query(
+            description="the exam stage the photo should show: acetic (default) flags a photo that does not "
+            "look taken after acetic acid (`not_acetic`); saline, iodine or green (an exam's other views, "
+            "e.g. the capture app's saline step) check framing and quality only"
+        ),
+    ] = "acetic",
+) -> str:
+    return stage
+
+
 # The two ways a client may send its key, as OpenAPI security schemes: /docs then offers "Authorize" and
 # generated clients know where the key goes. Neither refuses by itself; `require_*` decide.
 bearer_scheme = HTTPBearer(
@@ -104,3 +118,4 @@ ServiceDep = Annotated[AssessmentService, Depends(get_service)]
 LanguageDep = Annotated[str, Depends(get_language)]
 IncludeDep = Annotated[set[str], Depends(get_include)]
 ExamIncludeDep = Annotated[set[str], Depends(get_exam_include)]
+StageDep = Annotated[str, Depends(get_stage)]

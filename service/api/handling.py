@@ -226,10 +226,12 @@ class AssessmentService:
         if job.cancelled() or isinstance(job.exception(), DeadlinePassed):
             self.metrics.dropped.inc()
 
-    async def handle(self, request: Request, *, diagnose: bool, language: str, include: set[str]) -> Response:
+    async def handle(
+        self, request: Request, *, diagnose: bool, language: str, include: set[str], stage: str = ACETIC
+    ) -> Response:
         async with self.admission.slot() as ticket:
             photo = await read_image(request, self.settings.max_upload_bytes, self.settings.upload_timeout_s)
-            run = partial(self._assess_and_render, photo, diagnose=diagnose, include=include, stage=ACETIC)
+            run = partial(self._assess_and_render, photo, diagnose=diagnose, include=include, stage=stage)
             try:
                 assessment, review_images = await self.compute(ticket, run, _work_kind(diagnose, photo))
             except (TimeoutError, DeadlinePassed) as error:

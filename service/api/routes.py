@@ -14,6 +14,7 @@ from service.api.deps import (
     IncludeDep,
     LanguageDep,
     ServiceDep,
+    StageDep,
     require_metrics_key,
 )
 from service.io.uploads import IMAGE_FIELD, STAGE_HINTS, STAGES_FIELD
@@ -155,8 +156,8 @@ async def assess(
     responses=_problems(*UPLOAD_PROBLEMS),
     openapi_extra=UPLOAD_BODY,
 )
-async def quality(request: Request, service: ServiceDep, language: LanguageDep) -> Response:
-    return await service.handle(request, diagnose=False, language=language, include=set())
+async def quality(request: Request, service: ServiceDep, language: LanguageDep, stage: StageDep) -> Response:
+    return await service.handle(request, diagnose=False, language=language, include=set(), stage=stage)
 
 
 @api.post(

@@ -1,0 +1,417 @@
+// The capture page: the camera loop (one preview frame in flight at a time, as fast as answers come back),
+// the overlay, auto-capture and the shutter, the result, the exam's steps, and the settings.
+
+import * as api from "./api";
+import { Camera, type Still } from "./camera";
+import { ExamFlow } from "./exam";
+import { AutoCapture, LoopStats } from "./gate";
+import { translate, translatePage, type Key } from "./i18n";
+import { drawBox } from "./overlay";
+import * as stored from "./settings";
+
+const $ = <T extends HTMLElement = HTMLElement>(id: string): T => document.getElementById(id) as T;
+
+/** One auto- or manual capture, as the page saw it (performance.now() milliseconds). */
+interface CaptureRecord {
+  trigger: "auto" | "manual";
+  holdStillAt: number | null; // the first passing frame of the run that led to it
+  capturedAt: number;
+  shownAt: number | null; // the result on screen
+  source: Still["source"];
+  width: number;
+  height: number;
+  decision: string | null;
+}
+
+/** What tests and `make bench`-style runs read: the loop's figures and every capture. */
+export interface PageTelemetry {
+  stats: LoopStats;
+  captures: CaptureRecord[];
+  mode: "single" | "exam";
+}
+
+const RETRY_MAX_MS = 5000;
+
+class CaptureApp {
+  private settings = stored.load();
+  private readonly stats = new LoopStats();
+  private readonly auto = new AutoCapture(this.settings.autoCaptureFrames);
+  private camera: Camera | null = null;
+  private exam: ExamFlow | null = null;
+  private paused = false;
+  private resume: (() => void) | null = null;
+  private holdStillAt: number | null = null;
+  private shutterPressed = false;
+  private retryMs = 500;
+  readonly telemetry: PageTelemetry = { stats: this.stats, captures: [], mode: this.settings.mode };
+
+  constructor() {
+    $("start").addEventListener("click", () => void this.start());
+    $("shutter").addEventListener("click", () => (this.shutterPressed = true));
+    $("retake").addEventListener("click", () => this.retake());
+    $("next").addEventListener("click", () => this.nextPatient());
+    $("open-settings").addEventListener("click", () => this.openSettings());
+    $("settings").addEventListener("close", () => this.closeSettings());
+    this.applySettings();
+    if (!window.isSecureContext || !navigator.mediaDevices?.getUserMedia) {
+      $<HTMLButtonElement>("start").disabled = true;
+      this.notice("secureContext");
+    }
+  }
+
+  private t(key: Key, values?: Record<string, string | number>): string {
+    return translate(this.settings.language, key, values);
+  }
+
+  // --- the loop -----------------------------------------------------------------------------------
+
+  async start(): Promise<void> {
+    if (this.camera) return;
+    $<HTMLButtonElement>("start").hidden = true;
+    this.setStatus("waiting", this.t("waitingCamera"), "");
+    try {
+      this.camera = await Camera.open($<HTMLVideoElement>("preview"));
+    } catch {
+      $<HTMLButtonElement>("start").hidden = false;
+      this.notice("cameraDenied");
+      return;
+    }
+    this.hideNotice();
+    $<HTMLButtonElement>("shutter").disabled = false;
+    if (this.settings.mode === "exam") this.beginExam();
+    void this.loop(this.camera);
+  }
+
+  private async loop(camera: Camera): Promise<void> {
+    for (;;) {
+      if (this.paused) await new Promise<void>((resolve) => (this.resume = resolve));
+      if (this.exam) await this.exam.waitForStep((seconds) => this.showCountdown(seconds));
+      if (this.shutterPressed) {
+        this.shutterPressed = false;
+        await this.capture(camera, "manual");
+        continue;
+      }
+      await camera.freshFrame();
+      const frame = await camera.previewFrame();
+      const answer = await this.ask(() => api.quality(this.client(), frame.blob, this.expectedStage()), true);
+      if (!answer) continue; // a problem the page already shows; the loop retries
+      const runComplete = this.auto.observe(answer);
+      this.showPreviewAnswer(answer, frame);
+      if (runComplete) await this.capture(camera, "auto");
+    }
+  }
+
+  /** One request with the page's error handling: null when it failed (the notice says why). Preview
+   * frames' round trips make the frames-per-second figure. */
+  private async ask<T>(request: () => Promise<T>, preview = false): Promise<T | null> {
+    const started = performance.now();
+    this.stats.started();
+    let answered = false;
+    try {
+      const answer = await request();
+      answered = true;
+      this.retryMs = 500;
+      this.hideNotice();
+      return answer;
+    } catch (error) {
+      await this.onFailure(error);
+      return null;
+    } finally {
+      this.stats.finished(performance.now() - started, answered && preview);
+      $("fps").textContent = this.t("fps", { fps: this.stats.framesPerSecond.toFixed(1) });
+    }
+  }
+
+  private async onFailure(error: unknown): Promise<void> {
+    if (error instanceof api.ProblemError && (error.status === 401 || error.status === 403)) {
+      this.notice(this.settings.apiKey ? "keyRejected" : "keyNeeded");
+      this.pause();
+      this.openSettings();
+      return;
+    }
+    if (error instanceof api.ProblemError && error.status !== 503 && error.status !== 504) {
+      this.notice(null, error.message); // the service's own sentence names the fix
+      await sleep(1000);
+      return;
+    }
+    const busy = error instanceof api.ProblemError;
+    this.notice(busy ? "busy" : "unreachable");
+    const wait = busy && error.retryAfterSeconds ? error.retryAfterSeconds * 1000 : this.retryMs;
+    this.retryMs = Math.min(RETRY_MAX_MS, this.retryMs * 2);
+    await sleep(wait);
+  }
+
+  // --- capture and result ---------------------------------------------------------------------------
+
+  private async capture(camera: Camera, trigger: CaptureRecord["trigger"]): Promise<void> {
+    this.pause();
+    this.setStatus("capturing", this.t("capturing"), "");
+    const still = await camera.still();
+    const record: CaptureRecord = {
+      trigger,
+      holdStillAt: trigger === "auto" ? this.holdStillAt : null,
+      capturedAt: performance.now(),
+      shownAt: null,
+      source: still.source,
+      width: still.width,
+      height: still.height,
+      decision: null,
+    };
+    this.telemetry.captures.push(record);
+    this.auto.reset();
+    this.holdStillAt = null;
+    if (this.exam) {
+      const complete = this.exam.record(still.blob);
+      if (!complete) {
+        this.clearBox();
+        this.unpause();
+        return;
+      }
+      this.setStatus("assessing", this.t("examSending"), "");
+      const answer = await this.ask(() => api.exam(this.client(), this.exam!.photos()));
+      if (answer) this.showExamResult(answer);
+      else this.unpause();
+    } else {
+      this.setStatus("assessing", this.t("assessing"), "");
+      const answer = await this.ask(() => api.assess(this.client(), still.blob));
+      if (answer) this.showAssessment(answer);
+      else this.unpause();
+    }
+    const shown = !$("result").hidden;
+    record.shownAt = shown ? performance.now() : null;
+    record.decision = shown ? ($("result").dataset.decision ?? null) : null;
+  }
+
+  private showAssessment(answer: api.Assessment): void {
+    const diagnosed = answer.decision === "diagnosis" && answer.diagnosis !== null;
+    const figures: [Key, string][] = [];
+    if (diagnosed && answer.diagnosis) {
+      figures.push(["probability", `${Math.round(answer.diagnosis.probability * 100)} %`]);
+      figures.push(["resultDiagnosis", this.t(answer.diagnosis.referral ? "refer" : "noRefer")]);
+      if (answer.lesion) figures.push(["lesionArea", `${(answer.lesion.area_fraction * 100).toFixed(1)} %`]);
+    }
+    this.showResult(
+      diagnosed ? "diagnosis" : "recapture",
+      answer.reasons.map((r) => r.code),
+      figures,
+      diagnosed ? "" : (answer.advice ?? ""),
+      answer.lesion?.overlay_jpeg ?? null,
+    );
+  }
+
+  private showExamResult(answer: api.Exam): void {
+    const figures: [Key, string][] = [];
+    if (answer.diagnosis) {
+      figures.push(["probability", `${Math.round(answer.diagnosis.probability * 100)} %`]);
+      figures.push(["resultDiagnosis", this.t(answer.diagnosis.referral ? "refer" : "noRefer")]);
+    }
+    const review = answer.review_index !== null ? answer.photos[answer.review_index]?.assessment : null;
+    const reasons = answer.retake.flatMap((r) => r.reasons.map((reason) => reason.code));
+    this.showResult(
+      answer.decision,
+      [...answer.reasons.map((r) => r.code), ...reasons],
+      figures,
+      answer.advice ?? "",
+      review?.lesion?.overlay_jpeg ?? null,
+    );
+    const retakes = $("result-retakes");
+    for (const retake of answer.retake) {
+      const button = document.createElement("button");
+      button.textContent = this.t("examRetake", { i: retake.index + 1 });
+      button.title = retake.advice;
+      button.dataset.testid = `exam-retake-${retake.index}`;
+      button.addEventListener("click", () => this.retakeExamPhoto(retake.index));
+      retakes.append(button);
+    }
+  }
+
+  private showResult(
+    decision: "diagnosis" | "recapture",
+    reasons: string[],
+    figures: [Key, string][],
+    advice: string,
+    overlayJpeg: string | null,
+  ): void {
+    const result = $("result");
+    result.dataset.decision = decision;
+    result.dataset.reasons = reasons.join(",");
+    $("result-title").textContent = this.t(decision === "diagnosis" ? "resultDiagnosis" : "resultRecapture");
+    const list = $("result-figures");
+    list.replaceChildren();
+    for (const [label, value] of figures) {
+      const term = document.createElement("dt");
+      term.textContent = this.t(label);
+      const description = document.createElement("dd");
+      description.textContent = value;
+      list.append(term, description);
+    }
+    $("result-advice").textContent = advice;
+    $("result-retakes").replaceChildren();
+    const image = $<HTMLImageElement>("result-image");
+    image.hidden = overlayJpeg === null;
+    if (overlayJpeg) image.src = `data:image/jpeg;base64,${overlayJpeg}`;
+    result.hidden = false;
+    this.clearBox();
+    this.setStatus("idle", "", "");
+  }
+
+  private retake(): void {
+    $("result").hidden = true;
+    if (this.exam?.complete) this.exam.retakeLast();
+    this.unpause();
+  }
+
+  private retakeExamPhoto(index: number): void {
+    $("result").hidden = true;
+    this.exam?.retake(index);
+    this.unpause();
+  }
+
+  private nextPatient(): void {
+    $("result").hidden = true;
+    if (this.settings.mode === "exam") this.beginExam();
+    this.unpause();
+  }
+
+  // --- the exam ---------------------------------------------------------------------------------------
+
+  private beginExam(): void {
+    this.exam = new ExamFlow(this.settings.aceticWaitSeconds);
+    this.showStep();
+  }
+
+  private expectedStage(): string {
+    return this.exam?.current.stage ?? "acetic";
+  }
+
+  private showStep(): void {
+    const step = $("step");
+    step.hidden = this.exam === null;
+    if (this.exam) step.textContent = this.t(this.exam.current.title);
+  }
+
+  private showCountdown(seconds: number): void {
+    if (seconds > 0) {
+      this.clearBox();
+      this.setStatus("waiting", this.t("stepApplyAcetic", { s: seconds }), "");
+    } else {
+      this.showStep();
+    }
+  }
+
+  // --- what the worker sees -------------------------------------------------------------------------
+
+  private showPreviewAnswer(answer: api.Assessment, frame: { width: number; height: number }): void {
+    const accepted = answer.decision === "accept";
+    drawBox($<HTMLCanvasElement>("box"), frame, answer.cervix.found ? answer.cervix.box : null, accepted);
+    this.showStep();
+    if (!accepted) {
+      this.holdStillAt = null;
+      const reason = answer.reasons[0];
+      this.setStatus("recapture", reason?.message ?? "", answer.advice ?? "", reason?.code ?? "");
+      return;
+    }
+    if (this.auto.count === 1 || this.holdStillAt === null) this.holdStillAt = performance.now();
+    const frames = this.auto.frames;
+    const text = frames > 0 ? this.t("holdStillCount", { k: this.auto.count, n: frames }) : this.t("readyShutter");
+    this.setStatus(frames > 0 ? "hold" : "ready", text, "", "accept");
+    const hold = $<HTMLProgressElement>("hold");
+    hold.hidden = frames === 0;
+    hold.max = Math.max(frames, 1);
+    hold.value = Math.min(this.auto.count, frames);
+  }
+
+  private setStatus(state: string, text: string, advice: string, reason = ""): void {
+    const status = $("status");
+    status.dataset.state = state;
+    status.dataset.reason = reason;
+    $("status-text").textContent = text;
+    $("advice").textContent = advice;
+    if (state !== "hold" && state !== "ready") $("hold").hidden = true;
+  }
+
+  private notice(key: Key | null, text = ""): void {
+    const notice = $("notice");
+    notice.dataset.code = key ?? "problem";
+    notice.textContent = key ? this.t(key) : text;
+    notice.hidden = false;
+  }
+
+  private hideNotice(): void {
+    $("notice").hidden = true;
+  }
+
+  private clearBox(): void {
+    const canvas = $<HTMLCanvasElement>("box");
+    canvas.getContext("2d")?.clearRect(0, 0, canvas.width, canvas.height);
+  }
+
+  // --- settings ---------------------------------------------------------------------------------------
+
+  private openSettings(): void {
+    $<HTMLSelectElement>("setting-language").value = this.settings.language;
+    $<HTMLSelectElement>("setting-mode").value = this.settings.mode;
+    $<HTMLInputElement>("setting-auto").value = String(this.settings.autoCaptureFrames);
+    $<HTMLInputElement>("setting-wait").value = String(this.settings.aceticWaitSeconds);
+    $<HTMLInputElement>("setting-key").value = this.settings.apiKey;
+    const dialog = $<HTMLDialogElement>("settings");
+    if (!dialog.open) dialog.showModal();
+  }
+
+  private closeSettings(): void {
+    const dialog = $<HTMLDialogElement>("settings");
+    if (dialog.returnValue === "save") {
+      const modeBefore = this.settings.mode;
+      stored.save({
+        language: $<HTMLSelectElement>("setting-language").value as stored.Settings["language"],
+        mode: $<HTMLSelectElement>("setting-mode").value as stored.Mode,
+        autoCaptureFrames: Number($<HTMLInputElement>("setting-auto").value),
+        aceticWaitSeconds: Number($<HTMLInputElement>("setting-wait").value),
+        apiKey: $<HTMLInputElement>("setting-key").value,
+      });
+      this.settings = stored.load(); // the stored values, checked and clamped
+      this.applySettings();
+      if (this.settings.mode !== modeBefore) {
+        this.exam = null;
+        if (this.settings.mode === "exam" && this.camera) this.beginExam();
+      }
+    }
+    this.hideNotice();
+    this.unpause();
+  }
+
+  private applySettings(): void {
+    translatePage(document, this.settings.language);
+    this.auto.frames = this.settings.autoCaptureFrames;
+    this.telemetry.mode = this.settings.mode;
+    $("mode").textContent = this.t(this.settings.mode === "exam" ? "modeExam" : "modeSingle");
+    this.showStep();
+  }
+
+  private client(): api.Client {
+    return { language: this.settings.language, apiKey: this.settings.apiKey };
+  }
+
+  private pause(): void {
+    this.paused = true;
+  }
+
+  private unpause(): void {
+    if ($("result").hidden === false || $<HTMLDialogElement>("settings").open) return;
+    this.paused = false;
+    this.resume?.();
+    this.resume = null;
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+const app = new CaptureApp();
+(window as unknown as { cervigate: PageTelemetry }).cervigate = app.telemetry;
+
+if ("serviceWorker" in navigator && window.isSecureContext) {
+  // The shell (this page, its script, style and icons) is cached so the page opens without the network.
+  navigator.serviceWorker.register("sw.js", { scope: "./" }).catch(() => undefined);
+}
