@@ -19,6 +19,7 @@ from PIL import Image
 from bench.run import Server
 from service.app import create_app
 from service.settings import Settings
+from tests import dicom_inputs as dcm
 from tests import service_inputs as make
 
 pytestmark = pytest.mark.slow
@@ -51,6 +52,9 @@ def _animated(fmt: str) -> bytes:
 
 JPEG = make.encode(np.zeros((100, 100, 3), np.uint8))
 PNG = make.encode(np.zeros((100, 100, 3), np.uint8), "PNG")
+PIXELS = np.random.default_rng(3).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+DICOM = dcm.native(PIXELS)
+DICOM_JPEG = dcm.jpeg(make.encode(PIXELS), (160, 120))
 CORPUS: list[tuple[str, bytes, str, int, str]] = [
     # name, body, content type, status, code
     ("empty", b"", "image/jpeg", 400, "empty_upload"),
@@ -90,6 +94,36 @@ CORPUS: list[tuple[str, bytes, str, int, str]] = [
     ),
     ("over the upload limit", b"\xff\xd8" + bytes(2_100_000), "image/jpeg", 413, "upload_too_large"),
     ("no content type", JPEG, "", 415, "unsupported_media_type"),
+    ("dicom: a JPEG declared as DICOM", JPEG, dcm.DICOM, 422, "not_dicom"),
+    ("dicom: preamble only", bytes(128) + b"DICM", dcm.DICOM, 422, "truncated_dicom"),
+    ("dicom: truncated", DICOM[: len(DICOM) // 2], dcm.DICOM, 422, "truncated_dicom"),
+    ("dicom: truncated jpeg", DICOM_JPEG[: len(DICOM_JPEG) - 200], dcm.DICOM, 422, "truncated_dicom"),
+    ("dicom: 200000x200000 header", dcm.header_claiming(200_000, 200_000), dcm.DICOM, 413, "too_many_pixels"),
+    ("dicom: two frames", dcm.frames(PIXELS, 2), dcm.DICOM, 422, "multi_frame_dicom"),
+    (
+        "dicom: CT",
+        dcm.native(PIXELS, sop_class=dcm.CT_IMAGE, modality="CT"),
+        dcm.DICOM,
+        422,
+        "wrong_modality",
+    ),
+    (
+        "dicom: no photometric interpretation",
+        dcm.without(PIXELS, "PhotometricInterpretation"),
+        dcm.DICOM,
+        422,
+        "incomplete_pixel_module",
+    ),
+    ("dicom: no pixel data", dcm.without(PIXELS, "PixelData"), dcm.DICOM, 422, "missing_pixel_data"),
+    ("dicom: monochrome", dcm.monochrome(PIXELS[..., 0]), dcm.DICOM, 422, "unsupported_pixel_format"),
+    (
+        "dicom: JPEG lossless",
+        dcm.with_syntax(PIXELS, dcm.JPEG_LOSSLESS_SV1),
+        dcm.DICOM,
+        415,
+        "unsupported_transfer_syntax",
+    ),
+    ("dicom: 40x40", dcm.native(PIXELS[:40, :40]), dcm.DICOM, 422, "image_too_small"),
 ]
 
 
@@ -165,6 +199,40 @@ def test_corrupted_jpegs_are_answered_or_refused_never_500(client: TestClient, f
         body[position % len(body)] = value
     response = client.post("/v1/quality", content=bytes(body), headers={"content-type": "image/jpeg"})
     assert response.status_code == 200 or 400 <= response.status_code < 500, response.text
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    base=st.sampled_from([DICOM, DICOM_JPEG]),
+    flips=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), max_size=12),
+    cut=st.one_of(st.none(), st.integers(min_value=0)),
+    as_dicom=st.booleans(),
+)
+def test_corrupted_dicom_is_answered_or_refused_never_500(
+    client: TestClient, base: bytes, flips: list, cut: int | None, as_dicom: bool
+) -> None:
+    """Real DICOM files (native and JPEG baseline) with bytes overwritten and cut short: the file meta,
+    the header's lengths and values, the encapsulation and the pixels all get hit."""
+    body = bytearray(base)
+    for position, value in flips:
+        body[position % len(body)] = value
+    if cut is not None:
+        body = body[: cut % len(body)]
+    content_type = dcm.DICOM if as_dicom else "application/octet-stream"
+    response = client.post("/v1/assess", content=bytes(body), headers={"content-type": content_type})
+    assert response.status_code == 200 or 400 <= response.status_code < 500, response.text
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.binary(max_size=4096))
+def test_fuzzed_bytes_after_a_dicom_prefix_never_cause_a_server_error(
+    client: TestClient, body: bytes
+) -> None:
+    response = client.post(
+        "/v1/assess", content=bytes(128) + b"DICM" + body, headers={"content-type": dcm.DICOM}
+    )
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["code"]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -15,6 +15,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from service.api import access
 from service.api.handling import AssessmentService
+from service.render import fhir
 from service.render.problems import ProblemError
 from service.render.reasons import negotiate_language
 from service.render.schemas import StageName
@@ -81,6 +82,37 @@ async def get_stage(
     return stage
 
 
+SubjectQuery = Annotated[
+    str | None,
+    Query(
+        pattern=r"^Patient/[A-Za-z0-9\-.]{1,64}$",
+        description="FHIR output: the report's subject, e.g. `Patient/123` (else the DICOM PatientID)",
+    ),
+]
+EncounterQuery = Annotated[
+    str | None,
+    Query(
+        pattern=r"^Encounter/[A-Za-z0-9\-.]{1,64}$",
+        description="FHIR output: the report's encounter, e.g. `Encounter/456` (else the DICOM AdmissionID)",
+    ),
+]
+
+
+async def get_fhir(
+    subject: SubjectQuery = None,
+    encounter: EncounterQuery = None,
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> fhir.FhirContext | None:
+    """The FHIR output's references when the client prefers `application/fhir+json`; None for JSON."""
+    if not fhir.is_fhir_preferred(accept):
+        return None
+    return fhir.FhirContext(subject=subject, encounter=encounter)
+
+
+async def get_fhir_always(subject: SubjectQuery = None, encounter: EncounterQuery = None) -> fhir.FhirContext:
+    return fhir.FhirContext(subject=subject, encounter=encounter)
+
+
 # The two ways a client may send its key, as OpenAPI security schemes: /docs then offers "Authorize" and
 # generated clients know where the key goes. Neither refuses by itself; `require_*` decide.
 bearer_scheme = HTTPBearer(
@@ -119,3 +151,5 @@ LanguageDep = Annotated[str, Depends(get_language)]
 IncludeDep = Annotated[set[str], Depends(get_include)]
 ExamIncludeDep = Annotated[set[str], Depends(get_exam_include)]
 StageDep = Annotated[str, Depends(get_stage)]
+FhirDep = Annotated[fhir.FhirContext | None, Depends(get_fhir)]
+FhirAlwaysDep = Annotated[fhir.FhirContext, Depends(get_fhir_always)]

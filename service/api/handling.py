@@ -5,7 +5,10 @@ worker thread, and the response body.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import io
+import json
 import statistics
 import threading
 import time
@@ -24,12 +27,13 @@ from pydantic import BaseModel
 
 from service.inference.runtime import ModelSet
 from service.io.decoding import UploadRejected
+from service.io.dicom import DICOM_MEDIA_TYPE, DicomContext, read_context, require_dicom
 from service.io.uploads import Photo, describe_size, read_exam, read_image
 from service.pipeline.exams import ExamPhoto, PartProblem, summarise
 from service.pipeline.rules import ACETIC
 from service.pipeline.spare import SpareCores
 from service.pipeline.stages import Assessment, Pipeline
-from service.render import review
+from service.render import fhir, review
 from service.render.exams import exam_response, photo_outcome
 from service.render.problems import ProblemError
 from service.render.reasons import ADVICE, MESSAGES
@@ -227,13 +231,22 @@ class AssessmentService:
             self.metrics.dropped.inc()
 
     async def handle(
-        self, request: Request, *, diagnose: bool, language: str, include: set[str], stage: str = ACETIC
+        self,
+        request: Request,
+        *,
+        diagnose: bool,
+        language: str,
+        include: set[str],
+        stage: str = ACETIC,
+        fhir_context: fhir.FhirContext | None = None,
     ) -> Response:
+        """One photo; the JSON answer, or with `fhir_context` the FHIR R4 bundle."""
         async with self.admission.slot() as ticket:
             photo = await read_image(request, self.settings.max_upload_bytes, self.settings.upload_timeout_s)
             run = partial(self._assess_and_render, photo, diagnose=diagnose, include=include, stage=stage)
+            described = partial(self._assess_and_describe, run, photo, describe=fhir_context is not None)
             try:
-                assessment, review_images = await self.compute(ticket, run, _work_kind(diagnose, photo))
+                result = await self.compute(ticket, described, _work_kind(diagnose, photo))
             except (TimeoutError, DeadlinePassed) as error:
                 raise ProblemError(
                     504,
@@ -241,15 +254,18 @@ class AssessmentService:
                     f"no answer within {self.settings.request_deadline_s:g} s (queue or a very large photo); "
                     "take the photo again",
                 ) from error
+        assessment, review_images, facts, dicom = result
         self.metrics.observe_decision(assessment.decision, (r.value for r in assessment.reasons))
         request.state.log_fields = {
             "decision": assessment.decision,
             "reasons": [r.value for r in assessment.reasons],
             "timings_ms": {k: round(v, 2) for k, v in assessment.timings_ms.items()},
         }
-        return _json(
-            self.to_response(assessment, request.state.request_id, language, review_images), language
-        )
+        out = self.to_response(assessment, request.state.request_id, language, review_images)
+        if fhir_context is None or facts is None:
+            return _json(out, language)
+        context = fhir.FhirContext(fhir_context.subject, fhir_context.encounter, dicom)
+        return _fhir_json(fhir.bundle(out, facts, context, language), language)
 
     async def handle_exam(self, request: Request, *, language: str, include: set[str]) -> Response:
         started = time.perf_counter()
@@ -324,7 +340,10 @@ class AssessmentService:
         self, photo: Photo, *, diagnose: bool, include: set[str], stage: str | None
     ) -> tuple[Assessment, dict]:
         """The pipeline, then the review images asked for: all CPU work, run on a compute slot."""
-        assessment = self.pipeline.assess(photo.data(), diagnose=diagnose, stage=stage)
+        data = photo.data()
+        if photo.declared_dicom:
+            require_dicom(data)
+        assessment = self.pipeline.assess(data, diagnose=diagnose, stage=stage)
         # Recorded here, where the work ran: a pipeline whose request gave up at its deadline counts too.
         self.metrics.observe_stages(assessment.timings_ms)
         images: dict[str, str] = {}
@@ -335,6 +354,28 @@ class AssessmentService:
             if "overlay" in include:
                 images["overlay_jpeg"] = review.overlay_jpeg(crop_rgb, lesion.probability, threshold)
         return assessment, images
+
+    @staticmethod
+    def _assess_and_describe(
+        run: Callable[[], tuple[Assessment, dict]], photo: Photo, *, describe: bool
+    ) -> tuple[Assessment, dict, fhir.PhotoFacts | None, DicomContext | None]:
+        """`run`, then (`describe`: for the FHIR output) what the Media says of the photo and, for DICOM,
+        the header's identifiers: read only here, as the JSON answer never needs them."""
+        assessment, images = run()
+        if not describe:
+            return assessment, images, None, None
+        digest = hashlib.sha1(usedforsecurity=False)
+        for chunk in photo.chunks:
+            digest.update(chunk)
+        dicom = read_context(photo.data()) if assessment.media_type == DICOM_MEDIA_TYPE else None
+        facts = fhir.PhotoFacts(
+            media_type=assessment.media_type,
+            size=photo.size,
+            sha1_base64=base64.b64encode(digest.digest()).decode("ascii"),
+            width=assessment.image_size[0],
+            height=assessment.image_size[1],
+        )
+        return assessment, images, facts, dicom
 
     def to_response(
         self, a: Assessment, request_id: str, language: str, review_images: dict
@@ -377,5 +418,13 @@ def _json(body: BaseModel, language: str) -> Response:
     return Response(
         body.model_dump_json(),
         media_type="application/json",
-        headers={"Content-Language": language, "Vary": "Accept-Language"},
+        headers={"Content-Language": language, "Vary": "Accept, Accept-Language"},
+    )
+
+
+def _fhir_json(body: dict, language: str) -> Response:
+    return Response(
+        json.dumps(body, ensure_ascii=False),
+        media_type=fhir.FHIR_CONTENT_TYPE,
+        headers={"Content-Language": language, "Vary": "Accept, Accept-Language"},
     )

@@ -11,19 +11,24 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.deps import (
     ExamIncludeDep,
+    FhirAlwaysDep,
+    FhirDep,
     IncludeDep,
     LanguageDep,
     ServiceDep,
     StageDep,
     require_metrics_key,
 )
+from service.io.dicom import DICOM_MEDIA_TYPE
 from service.io.uploads import IMAGE_FIELD, STAGE_HINTS, STAGES_FIELD
+from service.render.fhir import EXAMPLE_BUNDLE, FHIR_MEDIA_TYPE
 from service.render.problems import PROBLEM_MEDIA_TYPE, problem_response
 from service.render.schemas import (
     EXAMPLE_ASSESSMENT,
     EXAMPLE_EXAM,
     AssessmentOut,
     ExamOut,
+    FhirBundleOut,
     HealthOut,
     ModelOut,
     ModelsOut,
@@ -69,19 +74,24 @@ _IMAGE_BODY: dict[str, Any] = {"schema": {"type": "string", "format": "binary"}}
 UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "description": f"the photo: multipart field `{IMAGE_FIELD}`, or the raw bytes with an image/* type",
+        "description": f"the photo: multipart field `{IMAGE_FIELD}` (a JPEG, PNG, WebP, HEIC or DICOM file), "
+        f"or the raw bytes with an image/* or {DICOM_MEDIA_TYPE} type. DICOM: a single-frame VL "
+        "Photographic Image or Secondary Capture, 8-bit RGB or YBR, native, JPEG baseline, JPEG-LS, "
+        "JPEG 2000 or RLE pixel data",
         "content": {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
                     "required": [IMAGE_FIELD],
                     "properties": {IMAGE_FIELD: {"type": "string", "format": "binary"}},
-                }
+                },
+                "encoding": {IMAGE_FIELD: {"contentType": f"image/*, {DICOM_MEDIA_TYPE}"}},
             },
             "image/jpeg": _IMAGE_BODY,
             "image/png": _IMAGE_BODY,
             "image/webp": _IMAGE_BODY,
             "image/heic": _IMAGE_BODY,
+            DICOM_MEDIA_TYPE: _IMAGE_BODY,
             "application/octet-stream": _IMAGE_BODY,
         },
     }
@@ -127,9 +137,30 @@ def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"description": described[s], "content": {PROBLEM_MEDIA_TYPE: schema}} for s in statuses}
 
 
-_EXAMPLE_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"application/json": {"example": EXAMPLE_ASSESSMENT}}}
+_FHIR_CONTENT = {
+    FHIR_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/FhirBundleOut"}, "example": EXAMPLE_BUNDLE}
 }
+_NEGOTIATED = (
+    f"the assessment as JSON, or with `Accept: {FHIR_MEDIA_TYPE}` a FHIR R4 Bundle (README: DICOM and FHIR)"
+)
+_EXAMPLE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": _NEGOTIATED,
+        "content": {"application/json": {"example": EXAMPLE_ASSESSMENT}} | _FHIR_CONTENT,
+    }
+}
+_QUALITY_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"description": _NEGOTIATED, "content": _FHIR_CONTENT}
+}
+_FHIR_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "a FHIR R4 Bundle (type collection)", "content": _FHIR_CONTENT}
+}
+
+
+class FhirResponse(Response):
+    """Documents a route's 200 as application/fhir+json (its body is rendered by service.render.fhir)."""
+
+    media_type = FHIR_MEDIA_TYPE
 
 
 router = APIRouter()  # open: health, readiness, metrics (metrics has its own key check)
@@ -139,30 +170,76 @@ api = APIRouter()  # /v1/*: service.app adds the API-key check when keys are con
 @api.post(
     "/v1/assess",
     summary="Full assessment: recapture (with reasons and advice) or a diagnosis",
+    operation_id="assess",
+    tags=["assessment"],
     response_model=AssessmentOut,
     responses=_problems(*UPLOAD_PROBLEMS) | _EXAMPLE_RESPONSE,
     openapi_extra=UPLOAD_BODY,
 )
 async def assess(
-    request: Request, service: ServiceDep, language: LanguageDep, include: IncludeDep
+    request: Request, service: ServiceDep, language: LanguageDep, include: IncludeDep, fhir: FhirDep
 ) -> Response:
-    return await service.handle(request, diagnose=True, language=language, include=include)
+    return await service.handle(request, diagnose=True, language=language, include=include, fhir_context=fhir)
 
 
 @api.post(
     "/v1/quality",
     summary="Fast capture gate for preview frames: detect, crop, quality checks; no diagnosis",
+    operation_id="checkQuality",
+    tags=["assessment"],
     response_model=AssessmentOut,
-    responses=_problems(*UPLOAD_PROBLEMS),
+    responses=_problems(*UPLOAD_PROBLEMS) | _QUALITY_RESPONSE,
     openapi_extra=UPLOAD_BODY,
 )
-async def quality(request: Request, service: ServiceDep, language: LanguageDep, stage: StageDep) -> Response:
-    return await service.handle(request, diagnose=False, language=language, include=set(), stage=stage)
+async def quality(
+    request: Request, service: ServiceDep, language: LanguageDep, stage: StageDep, fhir: FhirDep
+) -> Response:
+    return await service.handle(
+        request, diagnose=False, language=language, include=set(), stage=stage, fhir_context=fhir
+    )
+
+
+# The FHIR output under its own operations too: a generated client keeps one response type per operation,
+# so `Accept` negotiation alone would leave it unable to read the bundle.
+@api.post(
+    "/v1/assess/fhir",
+    summary="Full assessment as a FHIR R4 Bundle (what /v1/assess answers to Accept: application/fhir+json)",
+    operation_id="assessFhir",
+    tags=["fhir"],
+    response_model=FhirBundleOut,
+    response_class=FhirResponse,
+    responses=_problems(*UPLOAD_PROBLEMS) | _FHIR_RESPONSE,
+    openapi_extra=UPLOAD_BODY,
+)
+async def assess_fhir(
+    request: Request, service: ServiceDep, language: LanguageDep, fhir: FhirAlwaysDep
+) -> Response:
+    return await service.handle(request, diagnose=True, language=language, include=set(), fhir_context=fhir)
+
+
+@api.post(
+    "/v1/quality/fhir",
+    summary="Capture gate as a FHIR R4 Bundle (what /v1/quality answers to Accept: application/fhir+json)",
+    operation_id="checkQualityFhir",
+    tags=["fhir"],
+    response_model=FhirBundleOut,
+    response_class=FhirResponse,
+    responses=_problems(*UPLOAD_PROBLEMS) | _FHIR_RESPONSE,
+    openapi_extra=UPLOAD_BODY,
+)
+async def quality_fhir(
+    request: Request, service: ServiceDep, language: LanguageDep, stage: StageDep, fhir: FhirAlwaysDep
+) -> Response:
+    return await service.handle(
+        request, diagnose=False, language=language, include=set(), stage=stage, fhir_context=fhir
+    )
 
 
 @api.post(
     "/v1/exams",
     summary="A patient's exam: every photo assessed, what to retake, the photo to review, one P(CIN2+)",
+    operation_id="assessExam",
+    tags=["exams"],
     response_model=ExamOut,
     responses=_problems(400, 401, 403, 408, 413, 415, 422, 503)
     | {200: {"content": {"application/json": {"example": EXAMPLE_EXAM}}}},
@@ -177,6 +254,8 @@ async def exams(
 @api.get(
     "/v1/models",
     summary="The loaded models, their thresholds and held-out metrics",
+    operation_id="listModels",
+    tags=["models"],
     response_model=ModelsOut,
     responses=_problems(401, 403, 503),
 )
@@ -184,13 +263,14 @@ async def models(service: ServiceDep) -> ModelsOut:
     return ModelsOut(models=[_model_out(model.manifest) for model in service.pipeline.models])
 
 
-@router.get("/healthz", summary="Liveness: the process answers", response_model=HealthOut)
+@router.get("/healthz", summary="Liveness: the process answers", operation_id="checkLiveness",
+            tags=["health"], response_model=HealthOut)  # fmt: skip
 async def healthz() -> HealthOut:
     return HealthOut(status="ok")
 
 
-@router.get("/readyz", summary="Readiness: models loaded and warmed up", response_model=HealthOut,
-            responses=_problems(503))  # fmt: skip
+@router.get("/readyz", summary="Readiness: models loaded and warmed up", operation_id="checkReadiness",
+            tags=["health"], response_model=HealthOut, responses=_problems(503))  # fmt: skip
 async def readyz(request: Request) -> Any:
     if request.app.state.draining:
         return problem_response(

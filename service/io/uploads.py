@@ -1,5 +1,5 @@
-"""Read the photo out of a request: multipart field `image`, or a raw `image/*` body; or an exam's photos
-(`image` repeated, with an optional `stages` field).
+"""Read the photo out of a request: multipart field `image`, or a raw `image/*` or `application/dicom`
+body; or an exam's photos (`image` repeated, with an optional `stages` field).
 
 The body is parsed as it streams in, chunk by chunk, with hard limits on its size and its parts: the event
 loop never spends more than a chunk's worth of parsing at a time (20 MB joined and parsed in one go held it
@@ -21,6 +21,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
+from service.io.dicom import DICOM_MEDIA_TYPE
 from service.render.problems import ProblemError
 from service.render.schemas import StageName
 
@@ -30,7 +31,7 @@ STAGE_HINTS: tuple[str, ...] = get_args(StageName)
 AUTO_STAGE = "auto"
 MAX_PARTS = 16  # a photo upload has one or two parts; thousands of tiny ones are an attack on the parser
 MAX_FIELD_BYTES = 4096  # a non-file field (the stages list) is a short string
-_RAW_TYPES = ("application/octet-stream",)
+_RAW_TYPES = ("application/octet-stream", DICOM_MEDIA_TYPE)
 # The parser logs client-supplied header text at warning level; the service logs its own, sanitised, line.
 logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
@@ -40,6 +41,11 @@ class Photo:
     """One photo's bytes as they arrived."""
 
     chunks: list[bytes] = field(default_factory=list)
+    media_type: str = ""  # as the client declared it (the body's or the part's), lower case
+
+    @property
+    def declared_dicom(self) -> bool:
+        return self.media_type == DICOM_MEDIA_TYPE
 
     @property
     def size(self) -> int:
@@ -57,7 +63,7 @@ async def read_image(request: Request, max_bytes: int, timeout_s: float) -> Phot
         await _read_in_time(request, max_bytes, timeout_s, form.feed)
         photo = _only_image(form.finish())
     else:
-        photo = Photo()
+        photo = Photo(media_type=media_type.decode("latin-1").lower())
         await _read_in_time(request, max_bytes, timeout_s, photo.chunks.append)
     if not photo.size:
         raise ProblemError(400, "empty_upload", "the image is empty: attach the photo")
@@ -117,7 +123,7 @@ def _accepted_type(request: Request, *, multipart_only: bool) -> tuple[bytes, di
             415,
             "unsupported_media_type",
             f"content type {media or '(none)'} is not accepted: send multipart/form-data with an "
-            f"'{IMAGE_FIELD}' field, or the photo itself with an image/* content type",
+            f"'{IMAGE_FIELD}' field, or the photo itself with an image/* or {DICOM_MEDIA_TYPE} content type",
         )
     return media_type, params
 
@@ -182,6 +188,7 @@ class _StreamingForm:
         self._header_name: list[bytes] = []
         self._header_value: list[bytes] = []
         self._disposition = b""
+        self._part_type = b""
         self._sink: Callable[[bytes], None] | None = None
         self._field_name = ""
         self._field: list[bytes] | None = None
@@ -218,11 +225,14 @@ class _StreamingForm:
         self._parts += 1
         if self._parts > self.max_parts:
             raise ProblemError(400, "malformed_multipart", f"more than {self.max_parts} parts in the form")
-        self._disposition, self._sink, self._field = b"", None, None
+        self._disposition, self._part_type, self._sink, self._field = b"", b"", None, None
 
     def _header_end(self) -> None:
-        if b"".join(self._header_name).lower() == b"content-disposition":
+        header = b"".join(self._header_name).lower()
+        if header == b"content-disposition":
             self._disposition = b"".join(self._header_value)
+        elif header == b"content-type":
+            self._part_type = b"".join(self._header_value)
         self._header_name.clear()
         self._header_value.clear()
 
@@ -234,7 +244,8 @@ class _StreamingForm:
         if name == IMAGE_FIELD:
             if len(self.form.images) == self.max_images:
                 raise _too_many_images(self.max_images)
-            photo = Photo()
+            part_type, _ = parse_options_header(self._part_type)
+            photo = Photo(media_type=part_type.decode("latin-1").lower())
             self.form.images.append(photo)
             self._sink = photo.chunks.append
         elif b"filename" not in options:

@@ -23,6 +23,7 @@ from service.inference.manifest import InputSpec
 from service.inference.preprocess import crop_box, fit, normalize, prepare
 from service.inference.runtime import ModelConfigurationError, ModelSet
 from service.io.decoding import DecodedImage, DecodeLimits, decode_upload
+from service.io.dicom import decode_dicom, is_dicom
 from service.pipeline import measures
 from service.pipeline.case_risk import IODINE, SALINE, CaseModel
 from service.pipeline.rules import ACETIC, Rules, framing_reasons, quality_reasons, shown_stage
@@ -79,6 +80,7 @@ class Assessment:
     reasons: list[Reason]
     image_size: tuple[int, int]
     detection: Detection
+    media_type: str = ""  # what the upload turned out to be (image/jpeg, application/dicom...)
     region: Region | None = None
     crop_rgb: np.ndarray | None = field(default=None, repr=False)
     quality: Quality | None = None
@@ -123,11 +125,15 @@ class Pipeline:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         with _timed(timings, "decode"):
-            image = decode_upload(data, self.limits)
+            image = decode_dicom(data, self.limits) if is_dicom(data) else decode_upload(data, self.limits)
         with _timed(timings, "detect"):
             detection = self.detect(image)
         result = Assessment(
-            reasons=[], image_size=image.original_size, detection=detection, timings_ms=timings
+            reasons=[],
+            image_size=image.original_size,
+            detection=detection,
+            media_type=image.media_type,
+            timings_ms=timings,
         )
         if detection.box is None:
             result.reasons = [self.unseen_cervix_reason(image.rgb)]

@@ -39,6 +39,16 @@ TITLES = {
     "client_disconnected": "The client disconnected",
     "too_many_photos": "Too many photos in the exam",
     "invalid_stages": "The stage hints do not fit the photos",
+    "not_dicom": "The body is not a DICOM file",
+    "truncated_dicom": "The DICOM file is truncated",
+    "invalid_dicom": "The DICOM file is malformed",
+    "unsupported_dicom_class": "Unsupported DICOM object class",
+    "wrong_modality": "The DICOM modality is not a photograph",
+    "multi_frame_dicom": "Multi-frame DICOM files are not accepted",
+    "missing_pixel_data": "The DICOM file has no pixel data",
+    "incomplete_pixel_module": "The DICOM image pixel module is incomplete",
+    "unsupported_pixel_format": "Unsupported DICOM pixel format",
+    "unsupported_transfer_syntax": "Unsupported DICOM transfer syntax",
 }
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.render.reasons import Reason
 
@@ -152,6 +152,18 @@ class ModelOut(BaseModel):
 
 class ModelsOut(BaseModel):
     models: list[ModelOut]
+
+
+class FhirBundleOut(BaseModel):
+    """A FHIR R4 Bundle (type collection): a DiagnosticReport, its Observations and the photo's Media.
+    Only the envelope is described here; each resource follows the FHIR R4 specification."""
+
+    model_config = ConfigDict(extra="allow")
+
+    resourceType: Literal["Bundle"]  # FHIR's own field name
+    type: Literal["collection"]
+    timestamp: str
+    entry: list[dict[str, Any]] = Field(description="fullUrl (urn:uuid) and resource, the report first")
 
 
 class HealthOut(BaseModel):

@@ -1,0 +1,351 @@
+"""DICOM photos: VL Photographic Image and Secondary Capture files, as colposcopes and archives store them.
+
+The header is read and checked (class, modality, frames, the image pixel module, transfer syntax, pixel
+count) before a single pixel is decoded, so a 200000x200000 header costs a parse of a few hundred bytes,
+never the 120 GB its pixels would need. Baseline JPEG pixel data, what most colposcopes write, is the JPEG
+file itself inside the DICOM: it goes through `decode_upload`, with the DCT-scaled decode the JPEG path
+has, so a photo gets the same pixels (and decision) whichever of the two wrappers it came in. Other
+encodings are decoded by pydicom's handlers (native, RLE; JPEG-LS by pyjpegls; JPEG 2000 by Pillow).
+
+Patient identifiers are read only by `read_context`, which the FHIR output alone calls; nothing here
+logs or puts a header value in an error message except the class, modality and transfer syntax.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom import config as dicom_config
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID
+
+from service.io.decoding import (
+    DecodedImage,
+    DecodeLimits,
+    ImageTooSmall,
+    TooManyPixels,
+    UploadRejected,
+    decode_upload,
+)
+
+DICOM_MEDIA_TYPE = "application/dicom"
+_MAGIC_OFFSET = 128  # a Part 10 file: a 128-byte preamble, then "DICM"
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) as written in little-endian syntaxes
+
+VL_PHOTOGRAPHIC = "1.2.840.10008.5.1.4.1.1.77.1.4"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+ACCEPTED_CLASSES = {VL_PHOTOGRAPHIC: "VL Photographic Image", SECONDARY_CAPTURE: "Secondary Capture Image"}
+# XC: external-camera photography (the VL Photographic modality); OT: what Secondary Capture writers put;
+# ES: endoscopy, which some colposcopes report. Modality is optional in Secondary Capture.
+PHOTO_MODALITIES = frozenset({"XC", "OT", "ES"})
+COLOUR_INTERPRETATIONS = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422"})
+# JPEG 2000's own colour transforms: only with its syntaxes, whose decoder undoes them.
+_JPEG_2000 = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
+_JPEG_2000_INTERPRETATIONS = frozenset({"YBR_RCT", "YBR_ICT"})
+_JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+# Transfer syntaxes offered to a decoder; any other is refused by name (415).
+_CANDIDATE_SYNTAXES = (
+    "1.2.840.10008.1.2",  # implicit VR little endian
+    "1.2.840.10008.1.2.1",  # explicit VR little endian
+    "1.2.840.10008.1.2.1.99",  # deflated explicit VR little endian
+    _JPEG_BASELINE,
+    "1.2.840.10008.1.2.4.51",  # JPEG extended (8-bit data only, checked below)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE lossless
+)
+
+# Header values never reach a log line: pydicom's debug log and its value-validation warnings quote them.
+logging.getLogger("pydicom").setLevel(logging.ERROR)
+dicom_config.settings.reading_validation_mode = dicom_config.IGNORE
+warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+
+
+class NotDicom(UploadRejected):
+    code = "not_dicom"
+
+
+class TruncatedDicom(UploadRejected):
+    code = "truncated_dicom"
+
+
+class InvalidDicom(UploadRejected):
+    code = "invalid_dicom"
+
+
+class UnsupportedDicomClass(UploadRejected):
+    code = "unsupported_dicom_class"
+
+
+class WrongModality(UploadRejected):
+    code = "wrong_modality"
+
+
+class MultiFrameDicom(UploadRejected):
+    code = "multi_frame_dicom"
+
+
+class MissingPixelData(UploadRejected):
+    code = "missing_pixel_data"
+
+
+class IncompletePixelModule(UploadRejected):
+    code = "incomplete_pixel_module"
+
+
+class UnsupportedPixelFormat(UploadRejected):
+    code = "unsupported_pixel_format"
+
+
+class UnsupportedTransferSyntax(UploadRejected):
+    code = "unsupported_transfer_syntax"
+    status = 415
+
+
+def is_dicom(data: bytes) -> bool:
+    """A DICOM Part 10 file (what application/dicom means): "DICM" after the 128-byte preamble."""
+    return data[_MAGIC_OFFSET : _MAGIC_OFFSET + 4] == b"DICM"
+
+
+def decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
+    """Check a DICOM photo's header, then decode its one frame to upright RGB (as `decode_upload` does)."""
+    dataset = _read(data)
+    with _malformed_is_invalid():
+        syntax = _check(dataset, data, limits)
+    if syntax == _JPEG_BASELINE:
+        image = decode_upload(_only_frame(dataset), limits)
+        image.media_type = DICOM_MEDIA_TYPE
+        return image
+    rgb = _decode_pixels(dataset)
+    # Native pixels come whole: box-reduce for the whole-photo stages, keep the full ones for the crop.
+    full = Image.fromarray(rgb)
+    factor = min(full.size) // limits.decode_min_side
+    reduced = np.asarray(full.reduce(factor)) if factor >= 2 else rgb
+    return DecodedImage(
+        rgb=reduced, original_size=full.size, media_type=DICOM_MEDIA_TYPE, _data=data, _full=full
+    )
+
+
+@dataclass(frozen=True)
+class DicomContext:
+    """What the FHIR output takes from the header: who, which encounter, which study and image."""
+
+    patient_id: str | None
+    patient_id_issuer: str | None
+    admission_id: str | None
+    accession_number: str | None
+    study_uid: str | None
+    series_uid: str | None
+    sop_instance_uid: str | None
+    sop_class_uid: str | None
+    modality: str | None
+    acquired: str | None  # FHIR dateTime, from AcquisitionDateTime or ContentDate/ContentTime
+
+
+def read_context(data: bytes) -> DicomContext:
+    """The identifiers in a DICOM photo's header (pixel data not read). Only for the FHIR output."""
+    dataset = _read(data, stop_before_pixels=True)
+
+    def text(keyword: str) -> str | None:
+        with _malformed_is_invalid():
+            value = dataset.get(keyword)
+            return str(value).strip() or None if value is not None else None
+
+    return DicomContext(
+        patient_id=text("PatientID"),
+        patient_id_issuer=text("IssuerOfPatientID"),
+        admission_id=text("AdmissionID"),
+        accession_number=text("AccessionNumber"),
+        study_uid=text("StudyInstanceUID"),
+        series_uid=text("SeriesInstanceUID"),
+        sop_instance_uid=text("SOPInstanceUID"),
+        sop_class_uid=text("SOPClassUID"),
+        modality=text("Modality"),
+        acquired=_fhir_datetime(
+            text("AcquisitionDateTime") or (text("ContentDate") or "") + (text("ContentTime") or "")
+        ),
+    )
+
+
+def require_dicom(data: bytes) -> None:
+    """For bytes declared application/dicom: a photo sent under that type is a client mistake, refused
+    rather than guessed at."""
+    if not is_dicom(data):
+        raise NotDicom(
+            "the body is not a DICOM file (no 'DICM' after the 128-byte preamble); send a DICOM Part 10 "
+            f"file as {DICOM_MEDIA_TYPE}, or the photo itself as image/*"
+        )
+
+
+def _read(data: bytes, *, stop_before_pixels: bool = False) -> Dataset:
+    require_dicom(data)
+    try:
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
+    except (EOFError, InvalidDicomError) as error:
+        raise TruncatedDicom(_truncated_detail()) from error
+    except Exception as error:  # any parser failure on untrusted bytes is the client's file, not a 500
+        raise _invalid(error) from error
+
+
+@contextmanager
+def _malformed_is_invalid() -> Iterator[None]:
+    """pydicom parses values when they are first read: a malformed one (an unknown VR, a number that is
+    not one) fails there, and is the client's file, not a 500."""
+    try:
+        yield
+    except (MemoryError, UploadRejected):
+        raise
+    except Exception as error:
+        raise _invalid(error) from error
+
+
+def _invalid(error: Exception) -> InvalidDicom:
+    # The type only: pydicom's messages can quote header values (a patient's name).
+    return InvalidDicom(f"the DICOM file is malformed ({type(error).__name__}); export the image again")
+
+
+def _truncated_detail() -> str:
+    return "the DICOM file ends before its data does (truncated in transfer?); send the whole file"
+
+
+def _check(dataset: Dataset, data: bytes, limits: DecodeLimits) -> str:
+    """The transfer syntax of a single-frame colour photo the service will decode; else UploadRejected.
+    Only the header is read: nothing here touches the pixel data."""
+    # pydicom reads a truncated file without an error: what is cut off is simply absent (an encapsulated
+    # pixel data element cut short takes the whole data set with it). Pixel data whose tag is in the bytes
+    # but not in the data set, or no data set at all after the file meta, is a file cut short.
+    if "PixelData" not in dataset and (_PIXEL_DATA_TAG in data or not len(dataset)):
+        raise TruncatedDicom(_truncated_detail())
+    modality = str(dataset.get("Modality", "") or "").strip().upper()
+    sop_class = str(dataset.get("SOPClassUID", "") or "")
+    if modality and modality not in PHOTO_MODALITIES:
+        raise WrongModality(
+            f"the DICOM modality is {modality[:16]}, not a photograph; send a VL Photographic Image (XC) "
+            "or Secondary Capture of the cervix"
+        )
+    if sop_class not in ACCEPTED_CLASSES:
+        name = UID(sop_class).name if sop_class else "(none)"
+        raise UnsupportedDicomClass(
+            f"DICOM objects of class {name[:120]} are not accepted; send a "
+            f"{' or '.join(ACCEPTED_CLASSES.values())}"
+        )
+    frames = _integer(dataset, "NumberOfFrames", default=1)
+    if frames != 1:
+        raise MultiFrameDicom(
+            f"the DICOM file holds {frames} frames; send one photo per file (one frame each)"
+        )
+    if "PixelData" not in dataset:
+        raise MissingPixelData(
+            "the DICOM file has no pixel data; send the image itself, not only its header (or, if the file "
+            "was cut short, all of it)"
+        )
+    missing = [
+        keyword
+        for keyword in ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated")
+        if dataset.get(keyword) in (None, "")
+    ]
+    if missing:
+        raise IncompletePixelModule(
+            f"the DICOM image pixel module lacks {', '.join(missing)}; export the photo again with a "
+            "complete header"
+        )
+    width, height = _integer(dataset, "Columns"), _integer(dataset, "Rows")
+    if width * height > limits.max_pixels:
+        raise TooManyPixels(
+            f"the image is {width}x{height} pixels, more than the {limits.max_pixels} allowed; "
+            "send the photo at a lower resolution"
+        )
+    if min(width, height) < limits.min_side:
+        raise ImageTooSmall(
+            f"the image is {width}x{height} pixels; send a photo at least {limits.min_side} pixels "
+            "on its short side"
+        )
+    interpretation = str(dataset.PhotometricInterpretation).strip().upper()
+    samples, bits = _integer(dataset, "SamplesPerPixel"), _integer(dataset, "BitsAllocated")
+    accepted = COLOUR_INTERPRETATIONS
+    if str(dataset.file_meta.get("TransferSyntaxUID", "")) in _JPEG_2000:
+        accepted = accepted | _JPEG_2000_INTERPRETATIONS
+    if interpretation not in accepted or samples != 3 or bits != 8:
+        raise UnsupportedPixelFormat(
+            f"the DICOM pixels are {interpretation[:16]}, {samples} samples of {bits} bits; send 8-bit "
+            f"colour ({', '.join(sorted(COLOUR_INTERPRETATIONS))}, 3 samples per pixel)"
+        )
+    return _check_syntax(dataset, width * height * 3)
+
+
+def _check_syntax(dataset: Dataset, native_size: int) -> str:
+    syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "") or ""))
+    if syntax not in _CANDIDATE_SYNTAXES or not get_decoder(syntax).is_available:
+        decodable = ", ".join(UID(uid).name for uid in _CANDIDATE_SYNTAXES if get_decoder(uid).is_available)
+        raise UnsupportedTransferSyntax(
+            f"DICOM pixel data in {syntax.name[:120] or '(no transfer syntax)'} cannot be decoded here; "
+            f"export with one of: {decodable}"
+        )
+    if not syntax.is_encapsulated:
+        if dataset.PhotometricInterpretation.strip().upper() == "YBR_FULL_422":
+            native_size = native_size * 2 // 3  # two luma samples share one pair of chroma samples
+        if len(dataset.PixelData) < native_size:
+            raise TruncatedDicom(_truncated_detail())
+    return str(syntax)
+
+
+def _only_frame(dataset: Dataset) -> bytes:
+    try:
+        return next(generate_frames(dataset.PixelData, number_of_frames=1))
+    except Exception as error:  # a broken item structure: the encapsulation, not the JPEG, is damaged
+        raise TruncatedDicom(_truncated_detail()) from error
+
+
+def _decode_pixels(dataset: Dataset) -> np.ndarray:
+    try:
+        rgb = dataset.pixel_array  # YBR is converted to RGB (pydicom's default)
+    except MemoryError:
+        raise
+    except Exception as error:  # codec errors on the client's bytes
+        raise UploadRejected(
+            f"the DICOM pixel data could not be decoded ({type(error).__name__}); it may be corrupt: "
+            "export the photo again"
+        ) from error
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise UnsupportedPixelFormat("the DICOM pixel data did not decode to one 8-bit colour image")
+    return np.ascontiguousarray(rgb)
+
+
+def _integer(dataset: Dataset, keyword: str, default: int = 0) -> int:
+    value = dataset.get(keyword, default)
+    try:
+        return int(value if value not in (None, "") else default)
+    except (TypeError, ValueError) as error:
+        raise IncompletePixelModule(f"the DICOM attribute {keyword} is not a number") from error
+
+
+def _fhir_datetime(value: str) -> str | None:
+    """A DICOM DT (YYYYMMDDHHMMSS.FFFFFF&ZZXX, tail optional) as a FHIR dateTime; None if unusable. DICOM
+    times are local unless they carry an offset, and FHIR wants a zone with any time: without one, the
+    date alone is given."""
+    zone = ""
+    for sign in "+-":
+        if sign in value:
+            value, offset = value.split(sign, 1)
+            if len(offset) == 4 and offset.isdigit():
+                zone = f"{sign}{offset[:2]}:{offset[2:]}"
+    digits = value.split(".")[0]
+    if len(digits) < 8 or not digits.isdigit():
+        return None
+    date = f"{digits[:4]}-{digits[4:6]}-{digits[6:8]}"
+    if len(digits) < 14 or not zone:
+        return date
+    return f"{date}T{digits[8:10]}:{digits[10:12]}:{digits[12:14]}{zone}"
