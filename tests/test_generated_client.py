@@ -27,12 +27,8 @@ PACKAGE = "cervigate_client"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    running = Server("cervigate", [sys.executable, "-m", "service"], "/readyz", "/v1/assess")
-    running.start()
-    try:
+    with Server("cervigate", [sys.executable, "-m", "service"], "/readyz", "/v1/assess").running() as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")

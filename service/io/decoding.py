@@ -148,14 +148,8 @@ def decode_upload(data: bytes, limits: DecodeLimits) -> DecodedImage:
     return DecodedImage(rgb=rgb, original_size=upright_size, media_type=media_type, _data=data, _full=finer)
 
 
-def _check(image: Image.Image, limits: DecodeLimits) -> tuple[int, int, str]:
-    """Width, height and media type of an opened upload that the service will decode; else UploadRejected."""
-    media_type = SUPPORTED_FORMATS.get(image.format or "")
-    if media_type is None:
-        raise UnsupportedImageType(
-            f"{image.format or 'this'} images are not accepted; send JPEG, PNG, WebP or HEIC"
-        )
-    width, height = image.size
+def check_size(width: int, height: int, limits: DecodeLimits) -> None:
+    """The pixel-count and short-side limits, from a header, before any pixel is decoded."""
     if width * height > limits.max_pixels:
         raise TooManyPixels(
             f"the image is {width}x{height} pixels, more than the {limits.max_pixels} allowed; "
@@ -166,6 +160,17 @@ def _check(image: Image.Image, limits: DecodeLimits) -> tuple[int, int, str]:
             f"the image is {width}x{height} pixels; send a photo at least {limits.min_side} pixels "
             "on its short side"
         )
+
+
+def _check(image: Image.Image, limits: DecodeLimits) -> tuple[int, int, str]:
+    """Width, height and media type of an opened upload that the service will decode; else UploadRejected."""
+    media_type = SUPPORTED_FORMATS.get(image.format or "")
+    if media_type is None:
+        raise UnsupportedImageType(
+            f"{image.format or 'this'} images are not accepted; send JPEG, PNG, WebP or HEIC"
+        )
+    width, height = image.size
+    check_size(width, height, limits)
     if image.format != "MPO" and getattr(image, "n_frames", 1) > 1:
         raise AnimatedImage("animated images are not accepted; send a single photo")
     return width, height, media_type

@@ -33,9 +33,8 @@ from pydicom.uid import UID
 from service.io.decoding import (
     DecodedImage,
     DecodeLimits,
-    ImageTooSmall,
-    TooManyPixels,
     UploadRejected,
+    check_size,
     decode_upload,
 )
 
@@ -263,16 +262,7 @@ def _check(dataset: Dataset, data: bytes, limits: DecodeLimits) -> str:
             "complete header"
         )
     width, height = _integer(dataset, "Columns"), _integer(dataset, "Rows")
-    if width * height > limits.max_pixels:
-        raise TooManyPixels(
-            f"the image is {width}x{height} pixels, more than the {limits.max_pixels} allowed; "
-            "send the photo at a lower resolution"
-        )
-    if min(width, height) < limits.min_side:
-        raise ImageTooSmall(
-            f"the image is {width}x{height} pixels; send a photo at least {limits.min_side} pixels "
-            "on its short side"
-        )
+    check_size(width, height, limits)
     interpretation = str(dataset.PhotometricInterpretation).strip().upper()
     samples, bits = _integer(dataset, "SamplesPerPixel"), _integer(dataset, "BitsAllocated")
     accepted = COLOUR_INTERPRETATIONS

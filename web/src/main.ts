@@ -47,7 +47,9 @@ class CaptureApp {
 
   constructor() {
     $("start").addEventListener("click", () => void this.start());
-    $("shutter").addEventListener("click", () => (this.shutterPressed = true));
+    $("shutter").addEventListener("click", () => {
+      if (!this.paused) this.shutterPressed = true; // not while a result or the settings are shown
+    });
     $("retake").addEventListener("click", () => this.retake());
     $("next").addEventListener("click", () => this.nextPatient());
     $("open-settings").addEventListener("click", () => this.openSettings());
