@@ -164,10 +164,6 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def scheme(self) -> str:
-        return "https" if self.tls_certfile else "http"
-
-    @property
     def heif_decode_threads(self) -> int:
         """libheif threads per HEIC decode (a grid photo's tiles decode in parallel): each worker's share
         of the cores, doubled where `overlap_stages` lets a request borrow an idle core, so a lone iPhone

@@ -68,7 +68,7 @@ def test_tls_needs_both_files(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="does not exist"):
         Settings(tls_certfile=cert, tls_keyfile=tmp_path / "missing.pem")
     settings = Settings(tls_certfile=cert, tls_keyfile=cert)
-    assert settings.scheme == "https" and Settings().scheme == "http"
+    assert settings.tls_certfile == settings.tls_keyfile == cert
 
 
 def test_the_preview_gate_judges_the_stage_the_exam_step_expects(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.types import Scope
@@ -54,7 +54,7 @@ def mount_capture_app(app: FastAPI, directory: Path) -> None:
         return
 
     @app.get(CAPTURE_PATH + "/{path:path}", include_in_schema=False)
-    async def capture_not_built(request: Request, path: str) -> Response:
+    async def capture_not_built(path: str) -> Response:
         raise ProblemError(
             404,
             "capture_app_not_built",

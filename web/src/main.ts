@@ -378,7 +378,7 @@ class CaptureApp {
         if (this.settings.mode === "exam" && this.camera) this.beginExam();
       }
     }
-    this.hideNotice();
+    if ($("notice").dataset.code?.startsWith("key")) this.hideNotice(); // other notices still hold
     this.unpause();
   }
 
