@@ -8,6 +8,7 @@ Chromium comes from Debian (`apt-get install chromium`), driven by Playwright's 
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import threading
@@ -108,7 +109,7 @@ window.fetch = (input, init) => {
 
 @dataclass
 class RequestWatch:
-    """The page's API requests as the browser's network layer saw them: how many were open at once."""
+    """The page's photo uploads as the browser's network layer saw them: how many were open at once."""
 
     in_flight: int = 0
     max_in_flight: int = 0
@@ -123,7 +124,8 @@ class RequestWatch:
 
     @staticmethod
     def _is_api(request: Any) -> bool:
-        return "/v1/" in request.url
+        # Photos posted to the API (the device gate's model downloads are GETs, made once, in parallel)
+        return "/v1/" in request.url and request.method == "POST"
 
     def _started(self, request: Any) -> None:
         if self._is_api(request):
@@ -139,3 +141,87 @@ class RequestWatch:
 
     def to(self, path: str) -> list[Any]:
         return [r for r in self.requests if path in r.url]
+
+
+# --- the device gate against the service -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: str  # sharp, blurred, dark, iodine, no_cervix
+    name: str
+    jpeg: bytes
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)  # as the capture app encodes its preview frames
+    return buffer.getvalue()
+
+
+def parity_frames(atlas: Path, per_kind: int = 8) -> list[Frame]:
+    """640x480 preview frames of each kind the gate judges, from real photos: atlas photos after acetic
+    acid as they are, out of focus (sigma 1 % of the short side), dark (a quarter of the light), atlas
+    photos after Lugol's iodine, and photos with no cervix (scikit-image's sample photos)."""
+    from skimage import data as samples  # the train extra: make test installs it
+
+    def preview(image: Image.Image) -> Image.Image:
+        return image.convert("RGB").resize((640, 480), Image.Resampling.BILINEAR)
+
+    def spread(paths: list[Path]) -> list[Path]:  # one photo per case first, across the atlas
+        by_case: dict[str, Path] = {}
+        for path in sorted(paths):
+            by_case.setdefault(path.parent.name, path)
+        return list(by_case.values())[:per_kind]
+
+    acetic = [
+        preview(Image.open(p)) for p in spread(list(atlas.glob("images_*/case_*/*_After_acetic_acid.jpg")))
+    ]
+    iodine = spread(list(atlas.glob("images_*/case_*/*_After_Lugol*_iodine.jpg")))
+    frames = [Frame("sharp", f"acetic {i}", _jpeg(im)) for i, im in enumerate(acetic)]
+    frames += [
+        Frame("blurred", f"acetic {i}", _jpeg(im.filter(ImageFilter.GaussianBlur(0.01 * min(im.size)))))
+        for i, im in enumerate(acetic)
+    ]
+    frames += [Frame("dark", f"acetic {i}", _jpeg(im.point(lambda v: v // 4))) for i, im in enumerate(acetic)]
+    frames += [Frame("iodine", p.parent.name, _jpeg(preview(Image.open(p)))) for p in iodine]
+    # scikit-image's sample photos that are not cervices (the detector trained on them: parity, not rejection)
+    others = (
+        "astronaut",
+        "coffee",
+        "chelsea",
+        "rocket",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "retina",
+    )
+    frames += [
+        Frame("no_cervix", name, _jpeg(preview(Image.fromarray(getattr(samples, name)()))))
+        for name in others[:per_kind]
+    ]
+    return frames
+
+
+DEVICE_ASSESS = """async ([b64, stage]) => {
+  const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+  return await window.cervigate.deviceGate.assessJpeg(bytes, stage);
+}"""
+
+
+def verdict(answer: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+    return answer["decision"], tuple(r["code"] for r in answer["reasons"])
+
+
+def wait_for_device_gate(page: Any, timeout_s: float = 120) -> dict[str, Any]:
+    """The page loads the device gate by itself (from the service); returns its telemetry once ready."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = page.evaluate("window.cervigate.deviceGate")
+        if state["ready"]:
+            return state
+        if state["error"]:
+            raise RuntimeError(f"the device gate did not load: {state['error']}")
+        time.sleep(0.2)
+    raise TimeoutError(f"the device gate was not ready after {timeout_s:g} s")

@@ -8,6 +8,7 @@ browser's own network events, so the page cannot vouch for itself.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
 import json
@@ -19,10 +20,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from bench.capture_browser import (
     CAMERA_SIZE,
+    DEVICE_ASSESS,
     STATUS_RECORDER,
     TEST_HOST,
     UPLOAD_RECORDER,
@@ -30,7 +33,10 @@ from bench.capture_browser import (
     camera_video,
     chromium,
     launch_args,
+    parity_frames,
     settings_script,
+    verdict,
+    wait_for_device_gate,
 )
 from bench.run import Server
 from service.render.reasons import MESSAGES, Reason
@@ -335,3 +341,28 @@ def test_the_exam_steps_through_saline_and_acetic_acid(server: Server, open_page
     assert stages[0] == "saline" and stages[-1] == "acetic"
     assert result.get_attribute("data-decision") in ("diagnosis", "recapture")
     assert not page.errors
+
+
+def test_the_device_gate_agrees_with_the_service(
+    server: Server, open_page: Callable, atlas_root: Path, record_property: Callable[[str, object], None]
+) -> None:
+    """The same preview frames (sharp, out of focus, dark, iodine, no cervix) judged by the service and by
+    the page's own gate (ONNX Runtime Web on the manifests' models, checked by sha256): the same decision
+    and reasons on at least 95 % of them."""
+    page, _ = open_page(server.url + "/capture/")
+    state = wait_for_device_gate(page)
+    gate = httpx.get(server.url + "/v1/gate", timeout=10).json()
+    assert state["downloadBytes"] == sum(m["bytes"] for m in gate["models"])
+    frames = parity_frames(atlas_root, per_kind=6)
+    assert {f.kind for f in frames} == {"sharp", "blurred", "dark", "iodine", "no_cervix"}
+    differences = []
+    for frame in frames:
+        served = httpx.post(
+            server.url + "/v1/quality", content=frame.jpeg, headers={"content-type": "image/jpeg"}, timeout=30
+        ).json()
+        device = page.evaluate(DEVICE_ASSESS, [base64.b64encode(frame.jpeg).decode(), "acetic"])
+        if verdict(served) != verdict(device):
+            differences.append((frame.kind, frame.name, verdict(served), verdict(device)))
+    agreement = 1 - len(differences) / len(frames)
+    record_property("device_gate_agreement", f"{agreement:.3f} of {len(frames)}: {differences}")
+    assert agreement >= 0.95, differences

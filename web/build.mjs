@@ -9,13 +9,30 @@ import * as esbuild from "esbuild";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const out = path.join(here, "..", "service", "web", "static");
-const SHELL = ["index.html", "app.js", "app.css", "manifest.webmanifest", "icon.svg", "icon-192.png", "icon-512.png"];
+// ONNX Runtime Web's WebAssembly build (no WebGPU: its build is twice the download, and no GPU is here to
+// test it), loaded from ort/ beside the page: the glue module and the binary.
+const ORT_FILES = ["ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"];
+const SHELL = [
+  "index.html", "app.js", "app.css", "manifest.webmanifest", "icon.svg", "icon-192.png", "icon-512.png",
+  ...ORT_FILES.map((name) => `ort/${name}`),
+];
 const common = { bundle: true, minify: true, target: "es2022", legalComments: "none", logLevel: "warning" };
 
 await rm(out, { recursive: true, force: true });
 await mkdir(out, { recursive: true });
 await cp(path.join(here, "public"), out, { recursive: true });
-await esbuild.build({ ...common, entryPoints: [path.join(here, "src", "main.ts")], format: "esm", outfile: path.join(out, "app.js") });
+await mkdir(path.join(out, "ort"));
+for (const name of ORT_FILES) {
+  await cp(path.join(here, "node_modules", "onnxruntime-web", "dist", name), path.join(out, "ort", name));
+}
+await esbuild.build({
+  ...common,
+  entryPoints: [path.join(here, "src", "main.ts")],
+  format: "esm",
+  outfile: path.join(out, "app.js"),
+  // ONNX Runtime's build that loads its WebAssembly glue from ort/ rather than inlining it.
+  conditions: ["onnxruntime-web-use-extern-wasm"],
+});
 
 const files = {};
 const version = createHash("sha256");

@@ -19,6 +19,7 @@ from service.render import fhir
 from service.render.problems import ProblemError
 from service.render.reasons import negotiate_language
 from service.render.schemas import StageName
+from service.settings import Settings
 
 INCLUDE_PATTERN = r"^(mask|overlay)(,(mask|overlay))*$"
 EXAM_INCLUDE_PATTERN = r"^(mask|overlay|contact_sheet)(,(mask|overlay|contact_sheet))*$"
@@ -40,6 +41,11 @@ async def get_service(request: Request) -> AssessmentService:
             503, "not_ready", "the models are still loading; retry shortly", {"Retry-After": retry_after}
         )
     return service
+
+
+async def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 async def get_language(accept_language: Annotated[str | None, Header()] = None) -> str:
@@ -151,5 +157,6 @@ LanguageDep = Annotated[str, Depends(get_language)]
 IncludeDep = Annotated[set[str], Depends(get_include)]
 ExamIncludeDep = Annotated[set[str], Depends(get_exam_include)]
 StageDep = Annotated[str, Depends(get_stage)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
 FhirDep = Annotated[fhir.FhirContext | None, Depends(get_fhir)]
 FhirAlwaysDep = Annotated[fhir.FhirContext, Depends(get_fhir_always)]

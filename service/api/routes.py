@@ -4,9 +4,10 @@ and metrics stay open (metrics has its own key check). Also the OpenAPI request 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.deps import (
@@ -16,12 +17,16 @@ from service.api.deps import (
     IncludeDep,
     LanguageDep,
     ServiceDep,
+    SettingsDep,
     StageDep,
     require_metrics_key,
 )
+from service.inference.manifest import MANIFEST_FILENAME, MODEL_FILENAME
 from service.io.dicom import DICOM_MEDIA_TYPE
 from service.io.uploads import IMAGE_FIELD, STAGE_HINTS, STAGES_FIELD
+from service.pipeline.rules import focus_threshold
 from service.render.fhir import EXAMPLE_BUNDLE, FHIR_MEDIA_TYPE
+from service.render.gate import GATE_MODELS, GateOut, gate_bundle
 from service.render.problems import PROBLEM_MEDIA_TYPE, problem_response
 from service.render.schemas import (
     EXAMPLE_ASSESSMENT,
@@ -33,6 +38,9 @@ from service.render.schemas import (
     ModelOut,
     ModelsOut,
 )
+
+GateModelName = Literal["detector", "quality"]  # service.render.gate.GATE_MODELS
+ModelFileName = Literal["manifest.json", "model.onnx"]
 
 # Per model, the held-out figures /v1/models shows (dotted paths into the manifest's metrics).
 HEADLINE_METRICS = {
@@ -126,6 +134,7 @@ def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
         400: "empty upload or malformed multipart",
         401: "missing or unknown API key (when keys are configured)",
         403: "a valid key used where it has no right",
+        404: "no such model or file",
         408: "the upload did not arrive in time",
         413: "upload or pixel count over the limit",
         415: "content type or image format not accepted",
@@ -261,6 +270,41 @@ async def exams(
 )
 async def models(service: ServiceDep) -> ModelsOut:
     return ModelsOut(models=[_model_out(model.manifest) for model in service.pipeline.models])
+
+
+@api.get(
+    "/v1/gate",
+    summary="What the capture app needs to run the capture gate on the device, offline",
+    operation_id="getDeviceGate",
+    tags=["models"],
+    response_model=GateOut,
+    responses=_problems(401, 403, 503),
+)
+async def device_gate(service: ServiceDep, settings: SettingsDep) -> GateOut:
+    models = service.pipeline.models
+    manifests = {model.manifest.name: model.manifest for model in models}
+    sizes = {name: (settings.models_dir / name / MODEL_FILENAME).stat().st_size for name in GATE_MODELS}
+    return gate_bundle(manifests, sizes, service.pipeline.rules, focus_threshold(settings))
+
+
+@api.get(
+    "/v1/models/{name}/{file}",
+    summary="A capture-gate model's ONNX file or manifest, for the capture app's offline gate",
+    operation_id="getModelFile",
+    tags=["models"],
+    response_class=FileResponse,
+    responses=_problems(401, 403, 404, 503)
+    | {200: {"content": {"application/octet-stream": {}, "application/json": {}}}},
+)
+async def model_file(
+    service: ServiceDep,
+    settings: SettingsDep,
+    name: Annotated[GateModelName, Path(description="a model the capture gate runs")],
+    file: Annotated[ModelFileName, Path(description="the ONNX file or its manifest")],
+) -> FileResponse:
+    media_type = "application/json" if file == MANIFEST_FILENAME else "application/octet-stream"
+    # The files the service loaded at start-up (their sha256 checked then); the browser checks it again.
+    return FileResponse(settings.models_dir / name / file, media_type=media_type)
 
 
 @router.get("/healthz", summary="Liveness: the process answers", operation_id="checkLiveness",

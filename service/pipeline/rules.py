@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from service.pipeline.stages import Box, Quality
 
 ACETIC = "acetic"  # the stage a diagnosis needs: acetowhitening shows only after acetic acid
-_EDGE_TOLERANCE = 0.02  # a box within 2 % of the frame's size from an edge touches it
+EDGE_TOLERANCE = 0.02  # a box within 2 % of the frame's size from an edge touches it
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Rules:
                 "re-export it with `python -m training export quality`"
             )
         min_crop_px = _min_crop_px(models.quality.manifest, settings.min_cervix_crop_px)
-        focus_key = "not_sharp_balanced" if settings.focus_operating_point == "balanced" else "not_sharp"
+        focus_key = focus_threshold(settings)
         return cls(
             cervix_present=models.detector.manifest.thresholds["cervix_present"],
             not_sharp=quality[focus_key],
@@ -72,6 +72,11 @@ class Rules:
             stage_labels=_labels(models.quality.manifest, "stage_logits", get_args(StageName), ACETIC),
             blur_labels=_labels(models.quality.manifest, "blur_kind_logits", get_args(BlurKind)),
         )
+
+
+def focus_threshold(settings: Settings) -> str:
+    """The quality manifest's threshold that means "not sharp" at the configured operating point."""
+    return "not_sharp_balanced" if settings.focus_operating_point == "balanced" else "not_sharp"
 
 
 def _labels(manifest: Manifest, output: str, allowed: tuple[str, ...], *required: str) -> tuple[str, ...]:
@@ -127,7 +132,7 @@ def framing_reasons(box: Box, size: tuple[int, int], rules: Rules) -> list[Reaso
 def _cut_off(low: float, high: float, size: int, rules: Rules) -> bool:
     """The cervix runs into one edge of the frame but not the opposite one, and is short along that
     axis: the frame cut it. A cervix touching both edges (filling the frame) is close-up, not cut."""
-    tolerance = _EDGE_TOLERANCE * size
+    tolerance = EDGE_TOLERANCE * size
     touches_low, touches_high = low <= tolerance, high >= size - tolerance
     return touches_low != touches_high and (high - low) < rules.cut_off_max_extent * size
 

@@ -20,9 +20,14 @@ CAPTURE_PATH = "/capture"
 BUILD_MANIFEST = "build.json"  # written last by web/build.mjs: its presence means the build finished
 
 SECURITY_HEADERS = {
+    # 'wasm-unsafe-eval' lets the device gate compile ONNX Runtime's WebAssembly (and nothing else: no eval
+    # of strings); its threads are workers of the page's own origin.
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob: "
-    "mediastream:; connect-src 'self'; script-src 'self'; style-src 'self'; worker-src 'self'; "
-    "manifest-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "mediastream:; connect-src 'self'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; "
+    "worker-src 'self' blob:; manifest-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    # Cross-origin isolation: what WebAssembly threads (SharedArrayBuffer) need; everything is same-origin.
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Embedder-Policy": "require-corp",
     "Permissions-Policy": "camera=(self), microphone=(), geolocation=()",
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",

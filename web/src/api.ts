@@ -50,13 +50,14 @@ export interface Client {
   apiKey: string;
 }
 
-async function post<T>(client: Client, path: string, body: BodyInit, contentType?: string): Promise<T> {
+async function post<T>(client: Client, path: string, body: BodyInit, contentType?: string, timeoutMs?: number): Promise<T> {
   const headers: Record<string, string> = { "Accept-Language": client.language, Accept: "application/json" };
   if (contentType) headers["Content-Type"] = contentType;
   if (client.apiKey) headers["Authorization"] = `Bearer ${client.apiKey}`;
   let response: Response;
   try {
-    response = await fetch(path, { method: "POST", body, headers, cache: "no-store", credentials: "omit" });
+    const signal = timeoutMs ? AbortSignal.timeout(timeoutMs) : undefined;
+    response = await fetch(path, { method: "POST", body, headers, cache: "no-store", credentials: "omit", signal });
   } catch (error) {
     throw new UnreachableError(String(error));
   }
@@ -75,8 +76,9 @@ async function post<T>(client: Client, path: string, body: BodyInit, contentType
 }
 
 /** The fast gate for a preview frame; `stage` is the exam stage the photo should show. */
-export function quality(client: Client, frame: Blob, stage: string): Promise<Assessment> {
-  return post(client, `/v1/quality?stage=${encodeURIComponent(stage)}`, frame, frame.type || "image/jpeg");
+export function quality(client: Client, frame: Blob, stage: string, timeoutMs?: number): Promise<Assessment> {
+  const path = `/v1/quality?stage=${encodeURIComponent(stage)}`;
+  return post(client, path, frame, frame.type || "image/jpeg", timeoutMs);
 }
 
 /** The full chain for a still, with the lesion overlay to show. */

@@ -69,13 +69,22 @@ export class Camera {
     this.framesSent = this.framesShown;
   }
 
-  /** The current frame, long side PREVIEW_LONG_SIDE, as a JPEG. */
+  /** The current frame, long side PREVIEW_LONG_SIDE, as a JPEG for the service. */
   async previewFrame(): Promise<{ blob: Blob; width: number; height: number }> {
-    const scale = Math.min(1, PREVIEW_LONG_SIDE / Math.max(this.width, this.height));
-    const width = Math.round(this.width * scale);
-    const height = Math.round(this.height * scale);
+    const { width, height } = this.previewSize();
     const blob = await grab(this.video, this.previewCanvas, width, height, PREVIEW_QUALITY);
     return { blob, width, height };
+  }
+
+  /** The same frame as pixels, for the device gate (no JPEG round trip). */
+  previewPixels(): ImageData {
+    const { width, height } = this.previewSize();
+    return draw(this.video, this.previewCanvas, width, height).getImageData(0, 0, width, height);
+  }
+
+  private previewSize(): { width: number; height: number } {
+    const scale = Math.min(1, PREVIEW_LONG_SIDE / Math.max(this.width, this.height));
+    return { width: Math.round(this.width * scale), height: Math.round(this.height * scale) };
   }
 
   async still(): Promise<Still> {
@@ -112,6 +121,15 @@ async function raiseToMaxResolution(track: MediaStreamTrack): Promise<void> {
   }
 }
 
+function draw(video: HTMLVideoElement, canvas: HTMLCanvasElement, width: number, height: number): CanvasRenderingContext2D {
+  canvas.width = width;
+  canvas.height = height;
+  const context = canvas.getContext("2d", { alpha: false, willReadFrequently: true })!;
+  context.imageSmoothingQuality = "high";
+  context.drawImage(video, 0, 0, width, height);
+  return context;
+}
+
 function grab(
   video: HTMLVideoElement,
   canvas: HTMLCanvasElement,
@@ -119,11 +137,7 @@ function grab(
   height: number,
   quality: number,
 ): Promise<Blob> {
-  canvas.width = width;
-  canvas.height = height;
-  const context = canvas.getContext("2d", { alpha: false })!;
-  context.imageSmoothingQuality = "high";
-  context.drawImage(video, 0, 0, width, height);
+  draw(video, canvas, width, height);
   return new Promise((resolve, reject) =>
     canvas.toBlob((blob) => (blob ? resolve(blob) : reject(new Error("no frame"))), "image/jpeg", quality),
   );

@@ -47,6 +47,8 @@ const EN = {
   examRetake: "Retake photo {i}",
   examSending: "Assessing the exam…",
   fps: "{fps} frames/s",
+  gateServer: "Checked by the server",
+  gateDevice: "Offline: checked on this phone",
 };
 export type Key = keyof typeof EN;
 
@@ -95,6 +97,8 @@ const STRINGS: Record<Language, Record<Key, string>> = {
     examRetake: "Repetir la foto {i}",
     examSending: "Evaluando el examen…",
     fps: "{fps} imágenes/s",
+    gateServer: "Revisado por el servidor",
+    gateDevice: "Sin conexión: revisado en este teléfono",
   },
   fr: {
     title: "CerviGate capture",
@@ -139,6 +143,8 @@ const STRINGS: Record<Language, Record<Key, string>> = {
     examRetake: "Reprendre la photo {i}",
     examSending: "Évaluation de l'examen…",
     fps: "{fps} images/s",
+    gateServer: "Vérifié par le serveur",
+    gateDevice: "Hors ligne : vérifié sur ce téléphone",
   },
   pt: {
     title: "CerviGate captura",
@@ -183,6 +189,8 @@ const STRINGS: Record<Language, Record<Key, string>> = {
     examRetake: "Repetir a foto {i}",
     examSending: "Avaliando o exame…",
     fps: "{fps} imagens/s",
+    gateServer: "Verificado pelo servidor",
+    gateDevice: "Sem conexão: verificado neste telefone",
   },
   sw: {
     title: "CerviGate upigaji picha",
@@ -227,6 +235,8 @@ const STRINGS: Record<Language, Record<Key, string>> = {
     examRetake: "Piga tena picha {i}",
     examSending: "Inatathmini uchunguzi…",
     fps: "picha {fps}/s",
+    gateServer: "Imekaguliwa na seva",
+    gateDevice: "Nje ya mtandao: imekaguliwa kwenye simu hii",
   },
 };
 

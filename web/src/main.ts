@@ -3,6 +3,8 @@
 
 import * as api from "./api";
 import { Camera, type Still } from "./camera";
+import { DeviceGate, type DeviceAnswer } from "./device/gate";
+import { fromImageData } from "./device/preprocess";
 import { ExamFlow } from "./exam";
 import { AutoCapture, LoopStats } from "./gate";
 import { translate, translatePage, type Key } from "./i18n";
@@ -23,14 +25,27 @@ interface CaptureRecord {
   decision: string | null;
 }
 
-/** What tests and `make bench`-style runs read: the loop's figures and every capture. */
+export type GateMode = "server" | "device";
+
+/** What tests and `make bench-capture` read: the loop's figures, every capture, which gate answers, and
+ * the device gate itself (to judge a given JPEG as the live loop would, for the parity test). */
 export interface PageTelemetry {
   stats: LoopStats;
   captures: CaptureRecord[];
   mode: "single" | "exam";
+  gate: GateMode;
+  deviceGate: {
+    ready: boolean;
+    error: string | null;
+    downloadBytes: number;
+    threads: number;
+    assessJpeg?: (jpeg: Uint8Array, stage: string) => Promise<DeviceAnswer>;
+  };
 }
 
 const RETRY_MAX_MS = 5000;
+const PROBE_EVERY_MS = 3000; // while the device gate answers, how often to look for the service again
+const PREVIEW_TIMEOUT_MS = 5000; // a preview answer later than this is no use: the device gate takes over
 
 class CaptureApp {
   private settings = stored.load();
@@ -43,7 +58,16 @@ class CaptureApp {
   private holdStillAt: number | null = null;
   private shutterPressed = false;
   private retryMs = 500;
-  readonly telemetry: PageTelemetry = { stats: this.stats, captures: [], mode: this.settings.mode };
+  private device: DeviceGate | null = null;
+  private gate: GateMode = "server";
+  private lastProbe = 0;
+  readonly telemetry: PageTelemetry = {
+    stats: this.stats,
+    captures: [],
+    mode: this.settings.mode,
+    gate: "server",
+    deviceGate: { ready: false, error: null, downloadBytes: 0, threads: 0 },
+  };
 
   constructor() {
     $("start").addEventListener("click", () => void this.start());
@@ -58,6 +82,63 @@ class CaptureApp {
     if (!window.isSecureContext || !navigator.mediaDevices?.getUserMedia) {
       $<HTMLButtonElement>("start").disabled = true;
       this.notice("secureContext");
+    }
+    this.showGateMode();
+    void this.loadDeviceGate();
+  }
+
+  // --- the device gate --------------------------------------------------------------------------------
+
+  /** Loads the detector and quality models for the offline gate while the service can be reached (or from
+   * the service worker's cache when it cannot). */
+  private async loadDeviceGate(): Promise<void> {
+    if (this.device) return;
+    try {
+      const threads = this.settings.deviceThreads || Math.min(2, navigator.hardwareConcurrency || 1);
+      this.device = await DeviceGate.load(this.client(), threads);
+      const device = this.device;
+      this.telemetry.deviceGate = {
+        ready: true,
+        error: null,
+        downloadBytes: device.downloadBytes,
+        threads: device.threads,
+        assessJpeg: async (jpeg, stage) => {
+          const bitmap = await createImageBitmap(new Blob([jpeg as BlobPart], { type: "image/jpeg" }));
+          const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+          const context = canvas.getContext("2d", { willReadFrequently: true })!;
+          context.drawImage(bitmap, 0, 0);
+          const pixels = context.getImageData(0, 0, bitmap.width, bitmap.height);
+          bitmap.close();
+          return device.assess(fromImageData(pixels), stage, this.settings.language);
+        },
+      };
+    } catch (error) {
+      this.telemetry.deviceGate = { ready: false, error: String(error), downloadBytes: 0, threads: 0 };
+    }
+  }
+
+  private setGate(gate: GateMode): void {
+    this.gate = gate;
+    this.telemetry.gate = gate;
+    this.showGateMode();
+    if (gate === "device") this.hideNotice();
+  }
+
+  private showGateMode(): void {
+    const pill = $("gate");
+    pill.dataset.gate = this.gate;
+    pill.textContent = this.t(this.gate === "device" ? "gateDevice" : "gateServer");
+  }
+
+  /** While the device gate answers: every few seconds, is the service back? */
+  private async probeServer(): Promise<void> {
+    if (performance.now() - this.lastProbe < PROBE_EVERY_MS) return;
+    this.lastProbe = performance.now();
+    try {
+      const response = await fetch("/readyz", { cache: "no-store", signal: AbortSignal.timeout(2000) });
+      if (response.ok) this.setGate("server");
+    } catch {
+      // still unreachable: the device gate goes on
     }
   }
 
@@ -94,13 +175,30 @@ class CaptureApp {
         continue;
       }
       await camera.freshFrame();
-      const frame = await camera.previewFrame();
-      const answer = await this.ask(() => api.quality(this.client(), frame.blob, this.expectedStage()), true);
-      if (!answer) continue; // a problem the page already shows; the loop retries
-      const runComplete = this.auto.observe(answer);
-      this.showPreviewAnswer(answer, frame);
+      const judged = this.gate === "device" && this.device ? await this.onDevice(camera, this.device) : await this.onServer(camera);
+      if (!judged) continue; // a problem the page already shows; the loop retries
+      const runComplete = this.auto.observe(judged.answer);
+      this.showPreviewAnswer(judged.answer, judged.frame);
       if (runComplete) await this.capture(camera, "auto");
     }
+  }
+
+  private async onServer(camera: Camera): Promise<{ answer: api.Assessment; frame: { width: number; height: number } } | null> {
+    const frame = await camera.previewFrame();
+    const request = () => api.quality(this.client(), frame.blob, this.expectedStage(), PREVIEW_TIMEOUT_MS);
+    const answer = await this.ask(request, true);
+    return answer ? { answer, frame } : null;
+  }
+
+  private async onDevice(camera: Camera, device: DeviceGate): Promise<{ answer: api.Assessment; frame: { width: number; height: number } }> {
+    const started = performance.now();
+    this.stats.started();
+    const pixels = camera.previewPixels();
+    const answer = await device.assess(fromImageData(pixels), this.expectedStage(), this.settings.language);
+    this.stats.finished(performance.now() - started, true);
+    $("fps").textContent = this.t("fps", { fps: this.stats.framesPerSecond.toFixed(1) });
+    void this.probeServer();
+    return { answer, frame: { width: pixels.width, height: pixels.height } };
   }
 
   /** One request with the page's error handling: null when it failed (the notice says why). Preview
@@ -134,6 +232,10 @@ class CaptureApp {
     if (error instanceof api.ProblemError && error.status !== 503 && error.status !== 504) {
       this.notice(null, error.message); // the service's own sentence names the fix
       await sleep(1000);
+      return;
+    }
+    if (error instanceof api.UnreachableError && this.device) {
+      this.setGate("device"); // the service is gone: the device gate answers until it is back
       return;
     }
     const busy = error instanceof api.ProblemError;
@@ -370,9 +472,11 @@ class CaptureApp {
         autoCaptureFrames: Number($<HTMLInputElement>("setting-auto").value),
         aceticWaitSeconds: Number($<HTMLInputElement>("setting-wait").value),
         apiKey: $<HTMLInputElement>("setting-key").value,
+        deviceThreads: this.settings.deviceThreads,
       });
       this.settings = stored.load(); // the stored values, checked and clamped
       this.applySettings();
+      void this.loadDeviceGate(); // a key may be what it lacked
       if (this.settings.mode !== modeBefore) {
         this.exam = null;
         if (this.settings.mode === "exam" && this.camera) this.beginExam();

@@ -13,6 +13,8 @@ export interface Settings {
   /** The protocol's wait between applying acetic acid and the photo (one minute). */
   aceticWaitSeconds: number;
   mode: Mode;
+  /** WebAssembly threads of the device gate; 0 = one per core, at most 2 (a phone's big cores). */
+  deviceThreads: number;
 }
 
 const STORAGE_KEY = "cervigate.settings";
@@ -24,6 +26,7 @@ export function defaults(): Settings {
     apiKey: "",
     aceticWaitSeconds: 60,
     mode: "single",
+    deviceThreads: 0,
   };
 }
 
@@ -48,6 +51,7 @@ export function load(storage: Storage = localStorage): Settings {
     apiKey: typeof stored.apiKey === "string" ? stored.apiKey.trim() : "",
     aceticWaitSeconds: clampInt(stored.aceticWaitSeconds, 0, 600, base.aceticWaitSeconds),
     mode: stored.mode === "exam" ? "exam" : "single",
+    deviceThreads: clampInt(stored.deviceThreads, 0, 8, base.deviceThreads),
   };
 }
 
