@@ -366,3 +366,60 @@ def test_the_device_gate_agrees_with_the_service(
     agreement = 1 - len(differences) / len(frames)
     record_property("device_gate_agreement", f"{agreement:.3f} of {len(frames)}: {differences}")
     assert agreement >= 0.95, differences
+
+
+PASSPHRASE = "clinic-passphrase-1"
+
+
+def test_offline_the_gate_goes_on_and_the_stored_photo_is_assessed_once_when_back(
+    open_page: Callable,
+) -> None:
+    """The service stops after the page loaded: the device gate gives live advice and auto-captures into
+    the encrypted outbox; the service comes back on the same address: the photo is assessed exactly once
+    (its outbox id as Idempotency-Key) and shown."""
+    server = Server("cervigate", [sys.executable, "-m", "service"], "/readyz", "/v1/assess")
+    with server.running():
+        page, watch = open_page(server.url + "/capture/", autoCaptureFrames=3)
+        wait_for_device_gate(page)
+        page.click("#start")
+        _wait_for(lambda: _reasons_seen(page), "a first verdict from the service")
+        assert page.eval_on_selector("#gate", "e => e.dataset.gate") == "server"
+        server.stop()
+        _wait_for(
+            lambda: page.eval_on_selector("#gate", "e => e.dataset.gate") == "device", "the device gate"
+        )
+        switched = len(_status_log(page))
+        page.wait_for_selector("#unlock[open]", timeout=WAIT_S * 1000)  # the first photo kept asks for it
+        page.fill("#unlock-passphrase", PASSPHRASE)
+        page.click("[data-testid=unlock-submit]")
+        page.wait_for_selector("#result[data-decision=stored]:not([hidden])", timeout=WAIT_S * 1000)
+        # Live verdicts went on with the service down, and three passing ones took the photo.
+        offline = _status_log(page)[switched:]
+        assert [e["text"] for e in offline if e["state"] == "hold"][:2] == [
+            "Hold still: 1 of 3",
+            "Hold still: 2 of 3",
+        ]
+        assert page.evaluate("window.cervigate.captures.at(-1).decision") == "stored"
+        assert page.eval_on_selector("#outbox", "e => e.dataset.count") == "1"
+        assert not watch.to("/v1/assess")
+        server.start()
+        page.click("#retake")
+        _wait_for(
+            lambda: page.evaluate("window.cervigate.forwarded.length") >= 1, "the stored photo's answer"
+        )
+        _wait_for(lambda: page.eval_on_selector("#outbox", "e => e.dataset.count") == "0", "an empty outbox")
+        result = page.wait_for_selector("#result:not([hidden])", timeout=WAIT_S * 1000)
+        forwarded = page.evaluate("window.cervigate.forwarded")
+        assert (
+            result.get_attribute("data-decision") == forwarded[-1]["decision"] in ("diagnosis", "recapture")
+        )
+        for entry in forwarded:
+            sends = [r for r in watch.to("/v1/assess") if r.headers.get("idempotency-key") == entry["id"]]
+            assert len(sends) == 1, entry
+        # A reload finds nothing left to send.
+        sent = len(watch.to("/v1/assess"))
+        page.reload()
+        time.sleep(3)
+        assert len(watch.to("/v1/assess")) == sent
+        assert page.eval_on_selector("#outbox", "e => e.dataset.count") == "0"
+        assert not page.errors

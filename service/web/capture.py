@@ -24,7 +24,8 @@ SECURITY_HEADERS = {
     # of strings); its threads are workers of the page's own origin.
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob: "
     "mediastream:; connect-src 'self'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; "
-    "worker-src 'self' blob:; manifest-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "worker-src 'self' blob:; manifest-src 'self'; object-src 'none'; base-uri 'none'; "
+    "frame-ancestors 'none'",
     # Cross-origin isolation: what WebAssembly threads (SharedArrayBuffer) need; everything is same-origin.
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Embedder-Policy": "require-corp",

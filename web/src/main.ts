@@ -8,6 +8,7 @@ import { fromImageData } from "./device/preprocess";
 import { ExamFlow } from "./exam";
 import { AutoCapture, LoopStats } from "./gate";
 import { translate, translatePage, type Key } from "./i18n";
+import { Outbox, OutboxFull, MIN_PASSPHRASE_LENGTH, type OutboxEntry } from "./outbox";
 import { drawBox } from "./overlay";
 import * as stored from "./settings";
 
@@ -22,7 +23,7 @@ interface CaptureRecord {
   source: Still["source"];
   width: number;
   height: number;
-  decision: string | null;
+  decision: string | null; // the result shown; "stored" when the photo waits on the device
 }
 
 export type GateMode = "server" | "device";
@@ -34,6 +35,8 @@ export interface PageTelemetry {
   captures: CaptureRecord[];
   mode: "single" | "exam";
   gate: GateMode;
+  /** Photos stored offline and later assessed: their outbox id and the decision that came back. */
+  forwarded: { id: string; decision: string }[];
   deviceGate: {
     ready: boolean;
     error: string | null;
@@ -46,6 +49,9 @@ export interface PageTelemetry {
 const RETRY_MAX_MS = 5000;
 const PROBE_EVERY_MS = 3000; // while the device gate answers, how often to look for the service again
 const PREVIEW_TIMEOUT_MS = 5000; // a preview answer later than this is no use: the device gate takes over
+const FORWARD_TIMEOUT_MS = 60_000; // one stored photo's (or exam's) assessment once the service is back
+// What the device keeps while offline: a day's screening at a busy clinic, a few MB a photo.
+const OUTBOX_LIMITS = { maxItems: 40, maxBytes: 200 * 1024 * 1024 };
 
 class CaptureApp {
   private settings = stored.load();
@@ -61,11 +67,14 @@ class CaptureApp {
   private device: DeviceGate | null = null;
   private gate: GateMode = "server";
   private lastProbe = 0;
+  private outbox: Outbox | null = null;
+  private forwarding = false;
   readonly telemetry: PageTelemetry = {
     stats: this.stats,
     captures: [],
     mode: this.settings.mode,
     gate: "server",
+    forwarded: [],
     deviceGate: { ready: false, error: null, downloadBytes: 0, threads: 0 },
   };
 
@@ -83,8 +92,130 @@ class CaptureApp {
       $<HTMLButtonElement>("start").disabled = true;
       this.notice("secureContext");
     }
+    $("unlock-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      void this.submitPassphrase();
+    });
     this.showGateMode();
     void this.loadDeviceGate();
+    void this.openOutbox();
+  }
+
+  // --- store and forward --------------------------------------------------------------------------
+
+  private async openOutbox(): Promise<void> {
+    try {
+      this.outbox = await Outbox.open(OUTBOX_LIMITS);
+    } catch {
+      return; // no IndexedDB (a private window on some browsers): photos cannot wait offline
+    }
+    await this.showOutbox();
+    void this.forward();
+  }
+
+  private async showOutbox(progress = ""): Promise<void> {
+    if (!this.outbox) return;
+    const usage = await this.outbox.usage();
+    const element = $("outbox");
+    element.dataset.count = String(usage.count);
+    element.hidden = usage.count === 0 && !progress;
+    const full = usage.count >= usage.maxItems || usage.bytes >= usage.maxBytes * 0.9;
+    element.dataset.full = String(full);
+    element.textContent = progress || this.t(full ? "outboxFull" : "outboxWaiting", { n: usage.count });
+  }
+
+  private unlocked: (() => void) | null = null;
+
+  /** Resolves once the worker has unlocked the outbox (the dialog stays until the passphrase is right). */
+  private unlockOutbox(): Promise<void> {
+    if (!this.outbox || !this.outbox.locked) return Promise.resolve();
+    return new Promise<void>((resolve) => {
+      this.unlocked = resolve;
+      void this.outbox!.hasPassphrase().then((set) => {
+        $("unlock-message").textContent = this.t(set ? "unlockEnter" : "unlockChoose", { n: MIN_PASSPHRASE_LENGTH });
+        const dialog = $<HTMLDialogElement>("unlock");
+        if (!dialog.open) dialog.showModal();
+      });
+    });
+  }
+
+  private async submitPassphrase(): Promise<void> {
+    const input = $<HTMLInputElement>("unlock-passphrase");
+    let ok = false;
+    try {
+      ok = (await this.outbox?.unlock(input.value)) ?? false;
+    } catch (error) {
+      $("unlock-message").textContent = String((error as Error).message);
+      return;
+    }
+    if (!ok) {
+      $("unlock-message").textContent = this.t("unlockWrong");
+      return;
+    }
+    input.value = "";
+    $<HTMLDialogElement>("unlock").close();
+    this.unlocked?.();
+    this.unlocked = null;
+  }
+
+  /** Keeps a still (or an exam) on the device, encrypted, until the service can assess it. */
+  private async store(photos: Blob[], fields?: Record<string, string>): Promise<boolean> {
+    if (!this.outbox) return false;
+    await this.unlockOutbox();
+    try {
+      await this.outbox.add({ endpoint: fields ? "/v1/exams" : "/v1/assess", photos, fields });
+    } catch (error) {
+      this.notice(null, error instanceof OutboxFull ? this.t("outboxFull") : String(error));
+      return false;
+    }
+    await this.showOutbox();
+    return true;
+  }
+
+  /** Sends what waits on the device, each once (its id is the Idempotency-Key), and shows the answers. */
+  private async forward(): Promise<void> {
+    if (!this.outbox || this.forwarding || this.gate !== "server") return;
+    if ((await this.outbox.usage()).count === 0) return;
+    this.forwarding = true;
+    try {
+      await this.unlockOutbox();
+      const answers: { entry: OutboxEntry; answer: unknown }[] = [];
+      await this.outbox.sync(
+        (entry, body) => this.send(entry, body, answers),
+        (done, total) => void this.showOutbox(this.t("outboxSending", { done, total })),
+      );
+      const last = answers.at(-1);
+      if (last) {
+        this.pause();
+        if (last.entry.endpoint === "/v1/exams") this.showExamResult(last.answer as api.Exam);
+        else this.showAssessment(last.answer as api.Assessment);
+        $("result-advice").textContent = [this.t("forwarded", { n: answers.length }), $("result-advice").textContent]
+          .filter(Boolean)
+          .join(" ");
+      }
+    } finally {
+      this.forwarding = false;
+      await this.showOutbox();
+    }
+  }
+
+  private async send(entry: OutboxEntry, body: FormData, answers: { entry: OutboxEntry; answer: unknown }[]) {
+    const headers: Record<string, string> = { "Idempotency-Key": entry.id, "Accept-Language": this.settings.language };
+    if (this.settings.apiKey) headers["Authorization"] = `Bearer ${this.settings.apiKey}`;
+    const response = await fetch(`${entry.endpoint}?include=overlay`, {
+      method: "POST",
+      body,
+      headers,
+      cache: "no-store",
+      credentials: "omit",
+      signal: AbortSignal.timeout(FORWARD_TIMEOUT_MS),
+    });
+    const answer = await response.json().catch(() => ({}));
+    if (response.ok) {
+      answers.push({ entry, answer });
+      this.telemetry.forwarded.push({ id: entry.id, decision: (answer as { decision?: string }).decision ?? "" });
+    }
+    return { status: response.status, code: response.ok ? undefined : (answer as { code?: string }).code };
   }
 
   // --- the device gate --------------------------------------------------------------------------------
@@ -136,7 +267,10 @@ class CaptureApp {
     this.lastProbe = performance.now();
     try {
       const response = await fetch("/readyz", { cache: "no-store", signal: AbortSignal.timeout(2000) });
-      if (response.ok) this.setGate("server");
+      if (response.ok) {
+        this.setGate("server");
+        void this.forward();
+      }
     } catch {
       // still unreachable: the device gate goes on
     }
@@ -271,10 +405,19 @@ class CaptureApp {
         this.unpause();
         return;
       }
+      if (this.gate === "device") {
+        const photos = this.exam.photos();
+        const stored = await this.store(photos.map((p) => p.blob), { stages: photos.map((p) => p.stage).join(",") });
+        this.finishCapture(record, stored);
+        return;
+      }
       this.setStatus("assessing", this.t("examSending"), "");
       const answer = await this.ask(() => api.exam(this.client(), this.exam!.photos()));
       if (answer) this.showExamResult(answer);
       else this.unpause();
+    } else if (this.gate === "device") {
+      this.finishCapture(record, await this.store([still.blob]));
+      return;
     } else {
       this.setStatus("assessing", this.t("assessing"), "");
       const answer = await this.ask(() => api.assess(this.client(), still.blob));
@@ -284,6 +427,18 @@ class CaptureApp {
     const shown = !$("result").hidden;
     record.shownAt = shown ? performance.now() : null;
     record.decision = shown ? ($("result").dataset.decision ?? null) : null;
+  }
+
+  /** A still kept on the device: say so, and that it will be assessed once the service is back. */
+  private finishCapture(record: CaptureRecord, stored: boolean): void {
+    if (!stored) {
+      this.unpause();
+      return;
+    }
+    this.showResult("stored", [], [], this.t("storedAdvice"), null);
+    $("result-title").textContent = this.t("storedTitle");
+    record.shownAt = performance.now();
+    record.decision = "stored";
   }
 
   private showAssessment(answer: api.Assessment): void {
@@ -330,7 +485,7 @@ class CaptureApp {
   }
 
   private showResult(
-    decision: "diagnosis" | "recapture",
+    decision: "diagnosis" | "recapture" | "stored",
     reasons: string[],
     figures: [Key, string][],
     advice: string,
