@@ -6,6 +6,7 @@ photo makes, so "not assessed again" is observed, not inferred from the answer.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,12 +15,15 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import Response
 from fastapi.testclient import TestClient
 
 from service.api import access
-from service.api.idempotency import IdempotencyKey
+from service.api.idempotency import IdempotencyKey, IdempotencyStore
 from service.app import create_app
+from service.render.problems import ProblemError
 from service.settings import Settings
+from service.telemetry import Metrics
 
 pytestmark = pytest.mark.slow  # loads the four models once per module
 CLINIC_A, CLINIC_B = "clinic-a-key", "clinic-b-key"
@@ -260,3 +264,41 @@ def test_the_openapi_schema_documents_the_header(client: TestClient) -> None:
         assert header["schema"]["pattern"] == "^[A-Za-z0-9_-]{1,64}$"
         assert "Idempotent-Replayed" in operation["responses"]["200"]["headers"]
         assert "409" in operation["responses"]
+
+
+def test_a_repeat_that_outwaits_the_first_is_told_to_retry_and_a_failed_first_lets_it_compute() -> None:
+    """The store alone, on its own event loop: no models, no clock race."""
+    store = IdempotencyStore(Settings(), Metrics())
+    key = IdempotencyKey("slow-first")
+
+    async def scenario() -> tuple[ProblemError, Response, int]:
+        release, calls = asyncio.Event(), []
+
+        async def slow() -> Response:
+            calls.append("slow")
+            await release.wait()
+            raise ProblemError(504, "deadline_exceeded", "gave up")  # a failure: nothing is stored
+
+        async def fast() -> Response:
+            calls.append("fast")
+            return Response(b"{}", media_type="application/json")
+
+        first = asyncio.create_task(store.answer(key, b"same", slow, endpoint="/v1/assess", wait_s=10))
+        await asyncio.sleep(0)  # the first registers as pending
+        with pytest.raises(ProblemError) as impatient:
+            await store.answer(key, b"same", fast, endpoint="/v1/assess", wait_s=0)
+        waiter = asyncio.create_task(store.answer(key, b"same", fast, endpoint="/v1/assess", wait_s=10))
+        await asyncio.sleep(0)
+        assert store.waiting(key) == 1
+        release.set()
+        with pytest.raises(ProblemError):
+            await first
+        answer = await waiter  # the first failed: the waiter computed it itself
+        return impatient.value, answer, len(calls)
+
+    impatient, answer, calls = asyncio.run(scenario())
+    assert (impatient.status, impatient.code) == (409, "idempotency_key_in_use")
+    assert impatient.headers["Retry-After"] == "1"
+    assert answer.status_code == 200 and answer.headers["Idempotency-Key"] == "slow-first"
+    assert calls == 2  # slow once, fast once (the impatient repeat never computed)
+    assert len(store) == 1

@@ -25,7 +25,7 @@ from fastapi import Request, Response
 from PIL import Image
 from pydantic import BaseModel
 
-from service.api.idempotency import IdempotencyKey, IdempotencyStore, echoing, fingerprint
+from service.api.idempotency import REPLAYED_HEADER, IdempotencyKey, IdempotencyStore, echoing, fingerprint
 from service.inference.runtime import ModelSet
 from service.io.decoding import UploadRejected
 from service.io.dicom import DICOM_MEDIA_TYPE, DicomContext, read_context, require_dicom
@@ -368,7 +368,14 @@ class AssessmentService:
             return await answer()
         path, query = request.url.path, request.url.query
         digest = await anyio.to_thread.run_sync(fingerprint, path, query, photos, fields)
-        return await self.idempotency.answer(key, digest, answer, endpoint=request.url.path, wait_s=wait_s)
+        response = await self.idempotency.answer(
+            key, digest, answer, endpoint=request.url.path, wait_s=wait_s
+        )
+        if (
+            REPLAYED_HEADER in response.headers
+        ):  # the access log says so; the first answer logged its decision
+            request.state.log_fields = {"idempotent_replay": True}
+        return response
 
     async def _exam_photo(
         self, ticket: Ticket, index: int, photo: Photo, hint: str | None, include: set[str]

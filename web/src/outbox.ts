@@ -143,6 +143,9 @@ export class Outbox {
   /** Encrypts and stores the item; resolves once it is committed to disk. */
   async add(item: OutboxItem): Promise<OutboxEntry> {
     const key = this.requireKey();
+    if (item.photos.length === 0 || (item.endpoint === "/v1/assess" && item.photos.length > 1)) {
+      throw new RangeError("an entry holds one photo for /v1/assess, or one or more for /v1/exams");
+    }
     const id = crypto.randomUUID();
     const plain = await pack(item);
     const iv = random(12);
