@@ -231,6 +231,7 @@ def test_nothing_but_metadata_is_in_clear_at_rest(
     page = _page(context, server, bundle)
     _open(page)
     page.evaluate("(p) => outbox.unlock(p)", PASSPHRASE)
+    assert page.evaluate("() => outbox.key.extractable") is False  # not even this page can export it
     _add(page, photos[:1])
     exam = _add(page, photos[1:3], "/v1/exams", {"stages": "saline,acetic"})
     records = page.evaluate("() => rawRecords('cervigate-outbox')")

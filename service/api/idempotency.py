@@ -107,7 +107,7 @@ class IdempotencyStore:
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.window_s, self.max_bytes = settings.idempotency_window_s, settings.idempotency_max_bytes
-        self.metrics = metrics
+        self.metrics, self.retry_after = metrics, str(settings.retry_after_s)
         self._stored: OrderedDict[tuple[bytes, str], _Stored] = OrderedDict()  # least recently used first
         self._pending: dict[tuple[bytes, str], _Pending] = {}
         self.bytes = 0
@@ -165,7 +165,7 @@ class IdempotencyStore:
                 409,
                 "idempotency_key_in_use",
                 f"a request with this {HEADER} is still being processed; retry it with the same key shortly",
-                {"Retry-After": "1"},
+                {"Retry-After": self.retry_after},
             ) from error
         finally:
             pending.waiting -= 1

@@ -202,7 +202,8 @@ export class Outbox {
    * Sends the entries not marked failed, oldest first, one at a time; `send` adds the Idempotency-Key
    * (entry.id) and the credentials. Stops at the first answer that says "later" (network error, 408, 409,
    * 429, 5xx): what is left is kept. One tab syncs at a time (a Web Lock); where Web Locks are missing, two
-   * tabs may send the same entry, which the service answers once thanks to the Idempotency-Key.
+   * tabs may send the same entry, which the service answers once thanks to the Idempotency-Key. Give `send`
+   * a timeout (fetch's `signal: AbortSignal.timeout(...)`): a send that never settles holds the lock.
    */
   async sync(send: Send, progress?: (done: number, total: number) => void): Promise<SyncResult> {
     const key = this.requireKey();
