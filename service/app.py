@@ -21,6 +21,8 @@ from service.api import access
 from service.api.deps import Keys, require_api_key
 from service.api.draining import DrainRefusedBodies
 from service.api.handling import AssessmentService
+from service.api.idempotency import HEADER as IDEMPOTENCY_HEADER
+from service.api.idempotency import REPLAYED_HEADER
 from service.api.routes import api, router
 from service.inference.runtime import load_models
 from service.io.decoding import register_heif
@@ -96,9 +98,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type", "Accept-Language"],
-            expose_headers=["X-Request-ID", "Retry-After", "Content-Language"],
-        )
+            allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type", "Accept-Language",
+                           IDEMPOTENCY_HEADER],
+            expose_headers=["X-Request-ID", "Retry-After", "Content-Language", IDEMPOTENCY_HEADER,
+                            REPLAYED_HEADER],
+        )  # fmt: skip
     app.add_middleware(
         DrainRefusedBodies,
         max_bytes=settings.refused_body_drain_bytes,

@@ -119,6 +119,16 @@ class Settings(BaseSettings):
         ge=0,
         description="...and for at most this long, as nginx's lingering_time (a slow sender is cut off)",
     )
+    idempotency_window_s: float = Field(
+        default=86400.0,
+        gt=0,
+        description="a repeated Idempotency-Key within this many seconds gets the stored answer again",
+    )
+    idempotency_max_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=0,
+        description="memory for stored Idempotency-Key answers (~100 KB with an overlay); LRU beyond it",
+    )
     min_image_side: int = Field(default=64, ge=1, description="images with a shorter side get 422")
     decode_min_side: int = Field(
         default=320,

@@ -80,6 +80,13 @@ class Metrics:
         self.exam_duration = Histogram(
             "cervigate_exam_duration_seconds", "Server-side time per exam", buckets=_EXAM_BUCKETS, registry=r
         )
+        self.idempotent_replays = Counter(
+            "cervigate_idempotent_replays", "Answers replayed for a repeated Idempotency-Key", ["endpoint"],
+            registry=r,
+        )  # fmt: skip
+        self.idempotency_bytes = Gauge(
+            "cervigate_idempotency_store_bytes", "Memory held by stored Idempotency-Key answers", registry=r
+        )
         for stage in STAGES:  # every stage series exists from the start, so dashboards never see gaps
             self.stage_duration.labels(stage)
 

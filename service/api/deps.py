@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Query, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from service.api import access
+from service.api import access, idempotency
 from service.api.handling import AssessmentService
 from service.render import fhir
 from service.render.problems import ProblemError
@@ -144,12 +144,33 @@ PresentedKey = Annotated[str | None, Depends(presented_key)]
 async def require_api_key(request: Request, key: PresentedKey) -> None:
     """Attached to /v1/* only when keys are configured (service.app), so the schema shows it only then."""
     access.check(key, request.app.state.keys.api)
+    # Whose request this is, for what a key scopes (Idempotency-Key): FastAPI resolves a router's
+    # dependencies before the route's own, so get_idempotency_key below sees it.
+    request.state.api_key_digest = access.digest(key) if key is not None else b""
 
 
 async def require_metrics_key(request: Request, key: PresentedKey) -> None:
     keys: Keys = request.app.state.keys
     if keys.metrics:
         access.check(key, keys.metrics, also_known=keys.api)
+
+
+async def get_idempotency_key(
+    request: Request,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            description="a client-generated id (1-64 of A-Z a-z 0-9 _ -, e.g. a UUID) that makes a retry "
+            "safe: a repeat within CERVIGATE_IDEMPOTENCY_WINDOW_S gets the first answer again, with "
+            "`Idempotent-Replayed: true`, instead of a new assessment; the same key with another request "
+            "is 422 idempotency_key_reused. The answer echoes it",
+            json_schema_extra={"pattern": idempotency.KEY_PATTERN},
+        ),
+    ] = None,
+) -> idempotency.IdempotencyKey | None:
+    if idempotency_key is None:
+        return None
+    return idempotency.parse_key(idempotency_key, getattr(request.state, "api_key_digest", b""))
 
 
 ServiceDep = Annotated[AssessmentService, Depends(get_service)]
@@ -160,3 +181,4 @@ StageDep = Annotated[str, Depends(get_stage)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 FhirDep = Annotated[fhir.FhirContext | None, Depends(get_fhir)]
 FhirAlwaysDep = Annotated[fhir.FhirContext, Depends(get_fhir_always)]
+IdempotencyDep = Annotated[idempotency.IdempotencyKey | None, Depends(get_idempotency_key)]

@@ -13,7 +13,7 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
@@ -25,10 +25,11 @@ from fastapi import Request, Response
 from PIL import Image
 from pydantic import BaseModel
 
+from service.api.idempotency import REPLAYED_HEADER, IdempotencyKey, IdempotencyStore, echoing, fingerprint
 from service.inference.runtime import ModelSet
 from service.io.decoding import UploadRejected
 from service.io.dicom import DICOM_MEDIA_TYPE, DicomContext, read_context, require_dicom
-from service.io.uploads import Photo, describe_size, read_exam, read_image
+from service.io.uploads import ExamUpload, Photo, describe_size, read_exam, read_image
 from service.pipeline.exams import ExamPhoto, PartProblem, summarise
 from service.pipeline.rules import ACETIC
 from service.pipeline.spare import SpareCores
@@ -160,6 +161,7 @@ class AssessmentService:
     def __init__(self, settings: Settings, models: ModelSet, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
         self.admission = Admission(settings, metrics)
+        self.idempotency = IdempotencyStore(settings, metrics)
         # The queue for compute: a job still queued at its deadline is cancelled there and never runs.
         self.workers = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="cervigate-worker")
         self.compute_slots = threading.BoundedSemaphore(settings.inference_workers)
@@ -239,21 +241,40 @@ class AssessmentService:
         include: set[str],
         stage: str = ACETIC,
         fhir_context: fhir.FhirContext | None = None,
+        idempotency: IdempotencyKey | None = None,
     ) -> Response:
         """One photo; the JSON answer, or with `fhir_context` the FHIR R4 bundle."""
-        async with self.admission.slot() as ticket:
+        async with echoing(idempotency), self.admission.slot() as ticket:
             photo = await read_image(request, self.settings.max_upload_bytes, self.settings.upload_timeout_s)
-            run = partial(self._assess_and_render, photo, diagnose=diagnose, include=include, stage=stage)
-            described = partial(self._assess_and_describe, run, photo, describe=fhir_context is not None)
-            try:
-                result = await self.compute(ticket, described, _work_kind(diagnose, photo))
-            except (TimeoutError, DeadlinePassed) as error:
-                raise ProblemError(
-                    504,
-                    "deadline_exceeded",
-                    f"no answer within {self.settings.request_deadline_s:g} s (queue or a very large photo); "
-                    "take the photo again",
-                ) from error
+            answer = partial(self._answer_photo, request, ticket, photo, diagnose=diagnose, language=language,
+                             include=include, stage=stage, fhir_context=fhir_context)  # fmt: skip
+            negotiated = (language, "fhir" if fhir_context is not None else "json")  # what shapes the answer
+            wait_s = self.settings.request_deadline_s
+            return await self._once(request, idempotency, answer, [photo], negotiated, wait_s)
+
+    async def _answer_photo(
+        self,
+        request: Request,
+        ticket: Ticket,
+        photo: Photo,
+        *,
+        diagnose: bool,
+        language: str,
+        include: set[str],
+        stage: str,
+        fhir_context: fhir.FhirContext | None,
+    ) -> Response:
+        run = partial(self._assess_and_render, photo, diagnose=diagnose, include=include, stage=stage)
+        described = partial(self._assess_and_describe, run, photo, describe=fhir_context is not None)
+        try:
+            result = await self.compute(ticket, described, _work_kind(diagnose, photo))
+        except (TimeoutError, DeadlinePassed) as error:
+            raise ProblemError(
+                504,
+                "deadline_exceeded",
+                f"no answer within {self.settings.request_deadline_s:g} s (queue or a very large photo); "
+                "take the photo again",
+            ) from error
         assessment, review_images, facts, dicom = result
         self.metrics.observe_decision(assessment.decision, (r.value for r in assessment.reasons))
         request.state.log_fields = {
@@ -267,20 +288,36 @@ class AssessmentService:
         context = fhir.FhirContext(fhir_context.subject, fhir_context.encounter, dicom)
         return _fhir_json(fhir.bundle(out, facts, context, language), language)
 
-    async def handle_exam(self, request: Request, *, language: str, include: set[str]) -> Response:
+    async def handle_exam(
+        self, request: Request, *, language: str, include: set[str], idempotency: IdempotencyKey | None = None
+    ) -> Response:
         started = time.perf_counter()
         settings = self.settings
-        async with self.admission.slot() as ticket:
+        async with echoing(idempotency), self.admission.slot() as ticket:
             upload = await read_exam(
                 request, settings.max_exam_bytes, settings.max_exam_photos, settings.upload_timeout_s
             )
             self.admission.grow(ticket, len(upload.photos) - 1)  # an exam counts its photos
-            # One photo after another: each gets the single-photo deadline from its turn, and an exam never
-            # holds more than one compute slot (a spare core still overlaps a photo's own stages).
-            photos = [
-                await self._exam_photo(ticket, index, photo, hint, include)
-                for index, (photo, hint) in enumerate(zip(upload.photos, upload.stage_hints, strict=True))
-            ]
+            answer = partial(self._answer_exam, request, ticket, upload, language, include, started)
+            fields = [language, *(hint or "" for hint in upload.stage_hints)]
+            wait_s = settings.request_deadline_s * len(upload.photos)  # each photo has its own deadline
+            return await self._once(request, idempotency, answer, upload.photos, fields, wait_s)
+
+    async def _answer_exam(
+        self,
+        request: Request,
+        ticket: Ticket,
+        upload: ExamUpload,
+        language: str,
+        include: set[str],
+        started: float,
+    ) -> Response:
+        # One photo after another: each gets the single-photo deadline from its turn, and an exam never
+        # holds more than one compute slot (a spare core still overlaps a photo's own stages).
+        photos = [
+            await self._exam_photo(ticket, index, photo, hint, include)
+            for index, (photo, hint) in enumerate(zip(upload.photos, upload.stage_hints, strict=True))
+        ]
         refused = [p.problem for p in photos if p.problem is not None]
         if len(refused) == len(photos):  # nothing in it could be read: the request is bad as a whole
             first = refused[0]
@@ -315,6 +352,30 @@ class AssessmentService:
             seconds=seconds,
         )
         return _json(body, language)
+
+    async def _once(
+        self,
+        request: Request,
+        key: IdempotencyKey | None,
+        answer: Callable[[], Awaitable[Response]],
+        photos: list[Photo],
+        fields: Sequence[str],
+        wait_s: float,
+    ) -> Response:
+        """`answer()`, or with an Idempotency-Key the answer already given (or being computed) for it.
+        `fields`: what else the answer depends on (the negotiated language and format, the stage hints)."""
+        if key is None:
+            return await answer()
+        path, query = request.url.path, request.url.query
+        digest = await anyio.to_thread.run_sync(fingerprint, path, query, photos, fields)
+        response = await self.idempotency.answer(
+            key, digest, answer, endpoint=request.url.path, wait_s=wait_s
+        )
+        if (
+            REPLAYED_HEADER in response.headers
+        ):  # the access log says so; the first answer logged its decision
+            request.state.log_fields = {"idempotent_replay": True}
+        return response
 
     async def _exam_photo(
         self, ticket: Ticket, index: int, photo: Photo, hint: str | None, include: set[str]

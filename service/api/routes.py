@@ -14,6 +14,7 @@ from service.api.deps import (
     ExamIncludeDep,
     FhirAlwaysDep,
     FhirDep,
+    IdempotencyDep,
     IncludeDep,
     LanguageDep,
     ServiceDep,
@@ -138,7 +139,8 @@ def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
         408: "the upload did not arrive in time",
         413: "upload or pixel count over the limit",
         415: "content type or image format not accepted",
-        422: "not a usable image, missing field or invalid parameter",
+        409: "a request with the same Idempotency-Key is still being processed (with Retry-After)",
+        422: "not a usable image, missing field or invalid parameter (or Idempotency-Key invalid or reused)",
         503: "overloaded (with Retry-After) or not ready",
         504: "no answer within the request deadline",
     }
@@ -152,10 +154,18 @@ _FHIR_CONTENT = {
 _NEGOTIATED = (
     f"the assessment as JSON, or with `Accept: {FHIR_MEDIA_TYPE}` a FHIR R4 Bundle (README: DICOM and FHIR)"
 )
+_IDEMPOTENT_HEADERS = {
+    "Idempotency-Key": {"description": "the request's Idempotency-Key, echoed", "schema": {"type": "string"}},
+    "Idempotent-Replayed": {
+        "description": "`true` when this is the stored answer to an earlier request with the same key",
+        "schema": {"type": "string", "enum": ["true"]},
+    },
+}
 _EXAMPLE_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {
         "description": _NEGOTIATED,
         "content": {"application/json": {"example": EXAMPLE_ASSESSMENT}} | _FHIR_CONTENT,
+        "headers": _IDEMPOTENT_HEADERS,
     }
 }
 _QUALITY_RESPONSE: dict[int | str, dict[str, Any]] = {
@@ -182,13 +192,20 @@ api = APIRouter()  # /v1/*: service.app adds the API-key check when keys are con
     operation_id="assess",
     tags=["assessment"],
     response_model=AssessmentOut,
-    responses=_problems(*UPLOAD_PROBLEMS) | _EXAMPLE_RESPONSE,
+    responses=_problems(*UPLOAD_PROBLEMS, 409) | _EXAMPLE_RESPONSE,
     openapi_extra=UPLOAD_BODY,
 )
 async def assess(
-    request: Request, service: ServiceDep, language: LanguageDep, include: IncludeDep, fhir: FhirDep
+    request: Request,
+    service: ServiceDep,
+    language: LanguageDep,
+    include: IncludeDep,
+    fhir: FhirDep,
+    idempotency: IdempotencyDep,
 ) -> Response:
-    return await service.handle(request, diagnose=True, language=language, include=include, fhir_context=fhir)
+    return await service.handle(
+        request, diagnose=True, language=language, include=include, fhir_context=fhir, idempotency=idempotency
+    )
 
 
 @api.post(
@@ -250,14 +267,18 @@ async def quality_fhir(
     operation_id="assessExam",
     tags=["exams"],
     response_model=ExamOut,
-    responses=_problems(400, 401, 403, 408, 413, 415, 422, 503)
-    | {200: {"content": {"application/json": {"example": EXAMPLE_EXAM}}}},
+    responses=_problems(400, 401, 403, 408, 409, 413, 415, 422, 503)
+    | {200: {"content": {"application/json": {"example": EXAMPLE_EXAM}}, "headers": _IDEMPOTENT_HEADERS}},
     openapi_extra=EXAM_BODY,
 )
 async def exams(
-    request: Request, service: ServiceDep, language: LanguageDep, include: ExamIncludeDep
+    request: Request,
+    service: ServiceDep,
+    language: LanguageDep,
+    include: ExamIncludeDep,
+    idempotency: IdempotencyDep,
 ) -> Response:
-    return await service.handle_exam(request, language=language, include=include)
+    return await service.handle_exam(request, language=language, include=include, idempotency=idempotency)
 
 
 @api.get(

@@ -49,6 +49,9 @@ TITLES = {
     "incomplete_pixel_module": "The DICOM image pixel module is incomplete",
     "unsupported_pixel_format": "Unsupported DICOM pixel format",
     "unsupported_transfer_syntax": "Unsupported DICOM transfer syntax",
+    "invalid_idempotency_key": "The Idempotency-Key is not valid",
+    "idempotency_key_reused": "The Idempotency-Key was used for another request",
+    "idempotency_key_in_use": "A request with this Idempotency-Key is still being processed",
 }
 
 
