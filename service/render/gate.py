@@ -74,4 +74,3 @@ def gate_bundle(manifests: dict[str, Manifest], sizes: dict[str, int], rules: Ru
 
 def _texts(table: dict[str, dict[Any, str]]) -> dict[str, dict[str, str]]:
     return {language: {str(code): text for code, text in table[language].items()} for language in LANGUAGES}
-
