@@ -71,7 +71,7 @@ const FILTERS = {
 interface Coefficients {
   starts: Int32Array;
   sizes: Int32Array;
-  weights: Float64Array; // `window` weights per output pixel
+  weights: Float64Array; // `window` fixed-point weights per output pixel
   window: number;
 }
 
@@ -95,15 +95,26 @@ function coefficients(inSize: number, outSize: number, filter: keyof typeof FILT
       weights[x * window + i] = w;
       total += w;
     }
-    for (let i = 0; i < end - start; i++) if (total !== 0) weights[x * window + i] /= total;
+    for (let i = 0; i < end - start; i++) {
+      // Normalised, then to Pillow's fixed point (normalize_coeffs_8bpc): the sums below are then exact.
+      const k = total !== 0 ? weights[x * window + i] / total : weights[x * window + i];
+      weights[x * window + i] = k < 0 ? Math.trunc(-0.5 + k * FIXED_ONE) : Math.trunc(0.5 + k * FIXED_ONE);
+    }
     starts[x] = start;
     sizes[x] = end - start;
   }
   return { starts, sizes, weights, window };
 }
 
-function clip8(value: number): number {
-  return value <= 0 ? 0 : value >= 255 ? 255 : Math.round(value);
+// Pillow's 8-bit resampling works in fixed point with this many fractional bits (Resample.c PRECISION_BITS).
+const PRECISION_BITS = 32 - 8 - 2;
+const FIXED_ONE = 2 ** PRECISION_BITS;
+const FIXED_HALF = 2 ** (PRECISION_BITS - 1);
+
+/** A fixed-point sum (with FIXED_HALF already added) back to a byte, as Pillow's clip8 does. */
+function clip8(sum: number): number {
+  const value = Math.floor(sum / FIXED_ONE);
+  return value <= 0 ? 0 : value >= 255 ? 255 : value;
 }
 
 /** Resize like Pillow's Image.resize for 8-bit RGB: horizontal pass, then vertical, each rounded to 8 bits. */
@@ -116,9 +127,9 @@ export function resize(image: Rgb, width: number, height: number, filter: InputS
     for (let y = 0; y < image.height; y++) {
       const row = y * image.width * 3;
       for (let x = 0; x < width; x++) {
-        let r = 0;
-        let g = 0;
-        let b = 0;
+        let r = FIXED_HALF;
+        let g = FIXED_HALF;
+        let b = FIXED_HALF;
         for (let i = 0; i < c.sizes[x]; i++) {
           const w = c.weights[x * c.window + i];
           const p = row + (c.starts[x] + i) * 3;
@@ -139,9 +150,9 @@ export function resize(image: Rgb, width: number, height: number, filter: InputS
     const out = new Uint8Array(width * height * 3);
     for (let y = 0; y < height; y++) {
       for (let x = 0; x < width; x++) {
-        let r = 0;
-        let g = 0;
-        let b = 0;
+        let r = FIXED_HALF;
+        let g = FIXED_HALF;
+        let b = FIXED_HALF;
         for (let i = 0; i < c.sizes[y]; i++) {
           const w = c.weights[y * c.window + i];
           const p = ((c.starts[y] + i) * width + x) * 3;
