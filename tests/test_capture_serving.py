@@ -3,6 +3,7 @@ Chromium), the preview gate's `stage` parameter the app's exam steps use, and th
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,3 +90,41 @@ def test_the_preview_gate_judges_the_stage_the_exam_step_expects(
     assert flagged_by_default >= 4
     bad = client.post("/v1/quality?stage=lugol", content=data, headers=headers)
     assert bad.status_code == 422 and bad.json()["code"] == "invalid_request"
+
+
+def test_the_device_gate_gets_its_models_rules_and_words(client: TestClient) -> None:
+    gate = client.get("/v1/gate").json()
+    assert [m["name"] for m in gate["models"]] == ["detector", "quality"]
+    for model in gate["models"]:
+        manifest = client.get(model["manifest_url"]).json()
+        onnx = client.get(model["model_url"])
+        assert onnx.status_code == 200 and onnx.headers["content-type"] == "application/octet-stream"
+        assert hashlib.sha256(onnx.content).hexdigest() == manifest["sha256"] == model["sha256"]
+        assert len(onnx.content) == model["bytes"] and model["sha256"] in model["model_url"]
+    assert gate["rules"]["focus_threshold"] == "not_sharp_balanced"
+    assert gate["rules"]["min_cervix_crop_px"] == 192  # the quality manifest's min_cervix_px
+    assert set(gate["messages"]) == set(gate["advice"]) == {"en", "es", "fr", "pt", "sw"}
+    for language in gate["messages"]:
+        assert set(gate["messages"][language]) == set(gate["advice"][language]) == set(gate["reasons"])
+
+
+def test_only_the_gate_models_files_are_served(client: TestClient) -> None:
+    for path in (
+        "/v1/models/segmenter/model.onnx",
+        "/v1/models/detector/../settings.py",
+        "/v1/models/quality/x",
+    ):
+        response = client.get(path)
+        assert 400 <= response.status_code < 500 and response.json()["code"] in (
+            "invalid_request",
+            "not_found",
+        )
+
+
+def test_the_gate_follows_the_operating_point_and_needs_the_key() -> None:
+    settings = Settings(focus_operating_point="high_sensitivity", api_keys=["gate-key"])
+    with TestClient(create_app(settings)) as keyed:
+        assert keyed.get("/v1/gate").status_code == 401
+        assert keyed.get("/v1/models/detector/model.onnx").status_code == 401
+        gate = keyed.get("/v1/gate", headers={"Authorization": "Bearer gate-key"}).json()
+    assert gate["rules"]["focus_threshold"] == "not_sharp"
