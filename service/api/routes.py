@@ -314,7 +314,7 @@ async def device_gate(service: ServiceDep, settings: SettingsDep) -> GateOut:
     operation_id="getModelFile",
     tags=["models"],
     response_class=FileResponse,
-    responses=_problems(401, 403, 404, 503)
+    responses=_problems(401, 403, 404, 422, 503)
     | {200: {"content": {"application/octet-stream": {}, "application/json": {}}}},
 )
 async def model_file(

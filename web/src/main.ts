@@ -67,6 +67,7 @@ class CaptureApp {
   private device: DeviceGate | null = null;
   private gate: GateMode = "server";
   private lastProbe = 0;
+  private deviceLoading: Promise<void> | null = null;
   private outbox: Outbox | null = null;
   private forwarding = false;
   readonly telemetry: PageTelemetry = {
@@ -222,7 +223,12 @@ class CaptureApp {
 
   /** Loads the detector and quality models for the offline gate while the service can be reached (or from
    * the service worker's cache when it cannot). */
-  private async loadDeviceGate(): Promise<void> {
+  private loadDeviceGate(): Promise<void> {
+    this.deviceLoading ??= this.openDeviceGate().finally(() => (this.deviceLoading = null));
+    return this.deviceLoading;
+  }
+
+  private async openDeviceGate(): Promise<void> {
     if (this.device) return;
     try {
       const threads = this.settings.deviceThreads || Math.min(2, navigator.hardwareConcurrency || 1);
