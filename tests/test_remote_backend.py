@@ -8,7 +8,6 @@ under a right name (the service refuses to start)."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.remote import KSERVE_COMMAND, atlas_photos, build_kserve_venv, cervigate_server, kserve_server
 from bench.run import Server, free_port
 from service.inference.backend import InferenceTimeout
 from service.inference.manifest import read_manifest
@@ -30,72 +30,28 @@ from service.settings import Settings
 from service.telemetry import Metrics
 
 REPO = Path(__file__).resolve().parents[1]
-KSERVE_VENV = REPO / ".kserve-venv"
-# KServe's pins clash with the service's, so it gets a venv of its own, kept between runs (the stamp says
-# what is in it). The same ONNX Runtime as the service's: a difference in answers is then the protocol's.
-KSERVE_REQUIREMENTS = ["kserve==0.21.*", f"onnxruntime=={importlib.metadata.version('onnxruntime')}"]
-SERVER_SCRIPT = "tests/kserve_onnx_server.py"
 PHOTOS = 8
 pytestmark = pytest.mark.slow
 
 
-def _build_kserve_venv() -> str | None:
-    """Create or update .kserve-venv; None when it is ready, else why not (about a minute from PyPI)."""
-    stamp = KSERVE_VENV / ".installed"
-    wanted = "\n".join(KSERVE_REQUIREMENTS)
-    if stamp.is_file() and stamp.read_text() == wanted:
-        return None
-    python = KSERVE_VENV / "bin" / "python"
-    steps = [[sys.executable, "-m", "venv", "--clear", str(KSERVE_VENV)]] if not python.exists() else []
-    steps.append(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *KSERVE_REQUIREMENTS]
-    )
-    for step in steps:
-        result = subprocess.run(step, capture_output=True, text=True, timeout=900)
-        if result.returncode != 0:
-            return f"{' '.join(step)} failed: {result.stderr.strip()[-500:]}"
-    stamp.write_text(wanted)
-    return None
-
-
 @pytest.fixture(scope="module")
-def kserve_python() -> str:
-    problem = _build_kserve_venv()
+def kserve_venv() -> None:
+    problem = build_kserve_venv()  # about a minute the first time, then kept in .kserve-venv
     if problem:
-        command = (
-            f"python -m venv .kserve-venv && .kserve-venv/bin/pip install {' '.join(KSERVE_REQUIREMENTS)}"
-        )
-        pytest.skip(f"no KServe model server: {problem}; create it with `{command}`")
-    return str(KSERVE_VENV / "bin" / "python")
-
-
-def _kserve(python: str, *args: str, port: int | None = None) -> Server:
-    command = [python, SERVER_SCRIPT, "--models-dir", "models", "--http-port", "{port}", *args]
-    server = Server("kserve", command, "/v2/health/ready", "/v2/models/detector/infer")
-    if port is not None:
-        server.port = port
-    return server
-
-
-def _cervigate(remote_url: str | None, **env: str) -> Server:
-    settings = {"CERVIGATE_CAPTURE_APP": "false", **env}
-    if remote_url is not None:
-        settings |= {"CERVIGATE_INFERENCE_BACKEND": "remote", "CERVIGATE_REMOTE_URL": remote_url}
-    return Server("cervigate", [sys.executable, "-m", "service"], "/readyz", "/v1/assess", env=settings)
+        pytest.skip(f"no KServe model server: {problem}; create it with `{KSERVE_COMMAND}`")
 
 
 @pytest.fixture(scope="module")
-def engine(kserve_python: str) -> Iterator[Server]:
-    with _kserve(kserve_python).running() as server:
+def engine(kserve_venv: None) -> Iterator[Server]:
+    with kserve_server().running() as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def photos(atlas_root: Path) -> list[bytes]:
-    paths = sorted(atlas_root.glob("images_*/case_*/*cetic*.jpg"))
-    assert len(paths) >= PHOTOS, f"expected acetic-acid photos under {atlas_root}"
-    step = len(paths) // PHOTOS  # spread over the atlas, not one case's photos
-    return [path.read_bytes() for path in paths[::step][:PHOTOS]]
+    paths = atlas_photos(PHOTOS)
+    assert len(paths) == PHOTOS, f"expected acetic-acid photos under {atlas_root}"
+    return [path.read_bytes() for path in paths]
 
 
 def _remote_settings(url: str, **overrides: object) -> Settings:
@@ -151,7 +107,7 @@ def test_the_service_in_front_of_the_engine_gives_the_in_process_answers(
             )
         return out
 
-    with _cervigate(engine.url).running() as remote, _cervigate(None).running() as local:
+    with cervigate_server(engine.url).running() as remote, cervigate_server(None).running() as local:
         assert answers(remote) == answers(local)
         metrics = httpx.get(remote.url + "/metrics").text
     for model in MODEL_NAMES:  # every model was called remotely, and it shows
@@ -159,12 +115,12 @@ def test_the_service_in_front_of_the_engine_gives_the_in_process_answers(
 
 
 def test_readiness_follows_the_engine_and_requests_get_503_while_it_is_down(
-    kserve_python: str, photos: list[bytes]
+    kserve_venv: None, photos: list[bytes]
 ) -> None:
-    engine = _kserve(kserve_python)
+    engine = kserve_server()
     engine.start()
     try:
-        with _cervigate(engine.url, CERVIGATE_REMOTE_RETRIES="1").running() as service:
+        with cervigate_server(engine.url, CERVIGATE_REMOTE_RETRIES="1").running() as service:
             engine.stop()
             ready = httpx.get(service.url + "/readyz")
             assert ready.status_code == 503 and ready.json()["code"] == "not_ready"
@@ -175,7 +131,7 @@ def test_readiness_follows_the_engine_and_requests_get_503_while_it_is_down(
             )
             assert response.status_code == 503 and response.json()["code"] == "inference_unavailable"
             assert response.headers["retry-after"] == "1"
-            engine = _kserve(kserve_python, port=engine.port)  # the engine comes back where it was
+            engine = kserve_server(port=engine.port)  # the engine comes back where it was
             engine.start()
             assert httpx.get(service.url + "/readyz").status_code == 200
             response = httpx.post(
@@ -191,11 +147,11 @@ def test_readiness_follows_the_engine_and_requests_get_503_while_it_is_down(
 
 
 def test_a_slow_engine_meets_the_deadline_and_the_call_timeout(
-    kserve_python: str, photos: list[bytes]
+    kserve_venv: None, photos: list[bytes]
 ) -> None:
-    with _kserve(kserve_python, "--delay-s", "1.1").running() as engine:
+    with kserve_server("--delay-s", "1.1").running() as engine:
         # One model call of 1.1 s cannot fit a 1 s deadline: the phone gets 504 and retakes.
-        with _cervigate(engine.url, CERVIGATE_REQUEST_DEADLINE_S="1").running() as service:
+        with cervigate_server(engine.url, CERVIGATE_REQUEST_DEADLINE_S="1").running() as service:
             response = httpx.post(
                 service.url + "/v1/assess", files={"image": ("p.jpg", photos[0])}, timeout=60
             )
@@ -211,9 +167,9 @@ def test_a_slow_engine_meets_the_deadline_and_the_call_timeout(
         assert metrics.remote_errors.labels("severity", "timeout")._value.get() == 1
 
 
-def test_the_service_refuses_to_start_on_a_model_that_is_not_its_manifests(kserve_python: str) -> None:
+def test_the_service_refuses_to_start_on_a_model_that_is_not_its_manifests(kserve_venv: None) -> None:
     # The quality model's graph deployed under the detector's name: it would answer, with nonsense.
-    with _kserve(kserve_python, "--serve-as", "detector=quality").running() as engine:
+    with kserve_server("--serve-as", "detector=quality").running() as engine:
         env = os.environ | {
             "CERVIGATE_INFERENCE_BACKEND": "remote",
             "CERVIGATE_REMOTE_URL": engine.url,
