@@ -130,7 +130,10 @@ def test_readiness_follows_the_engine_and_requests_get_503_while_it_is_down(
                 service.url + "/v1/assess", files={"image": ("p.jpg", photos[0])}, timeout=60
             )
             assert response.status_code == 503 and response.json()["code"] == "inference_unavailable"
-            assert response.headers["retry-after"] == "1"
+            assert response.headers["retry-after"] == "1" and engine.url not in response.text
+            exam = httpx.post(service.url + "/v1/exams", files=[("image", ("a.jpg", photos[0]))], timeout=60)
+            assert exam.status_code == 503 and exam.json()["code"] == "inference_unavailable"
+            assert engine.url not in exam.text  # clients are not told internal host names
             engine = kserve_server(port=engine.port)  # the engine comes back where it was
             engine.start()
             assert httpx.get(service.url + "/readyz").status_code == 200
@@ -138,9 +141,10 @@ def test_readiness_follows_the_engine_and_requests_get_503_while_it_is_down(
                 service.url + "/v1/assess", files={"image": ("p.jpg", photos[0])}, timeout=60
             )
             assert response.status_code == 200
+            # Two tries (CERVIGATE_REMOTE_RETRIES=1) for the photo, two for the exam's, then none failed.
             metrics = httpx.get(service.url + "/metrics").text
             assert (
-                'cervigate_remote_inference_errors_total{cause="unreachable",model="detector"} 2.0' in metrics
+                'cervigate_remote_inference_errors_total{cause="unreachable",model="detector"} 4.0' in metrics
             )
     finally:
         engine.stop()

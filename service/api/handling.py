@@ -336,9 +336,9 @@ class AssessmentService:
         except (TimeoutError, DeadlinePassed):
             detail = f"no answer within {self.settings.request_deadline_s:g} s; take the photo again"
             return ExamPhoto(index, hint, problem=PartProblem(504, "deadline_exceeded", detail))
-        except InferenceUnavailable as error:
-            unavailable = self._unavailable()
-            return ExamPhoto(index, hint, problem=PartProblem(503, unavailable.code, str(error)))
+        except InferenceUnavailable:
+            unavailable = self._unavailable()  # the detail names no internal host
+            return ExamPhoto(index, hint, problem=PartProblem(503, unavailable.code, unavailable.detail))
         return ExamPhoto(index, hint, assessment=assessment, review_images=images)
 
     def _unavailable(self) -> ProblemError:

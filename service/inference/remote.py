@@ -105,7 +105,10 @@ class OipClient:
                 self.metrics.remote_errors.labels(model, "error").inc()
                 raise RemoteError(f"{model} on {self.url}: HTTP {response.status_code} {response.text[:200]}")
             self.metrics.remote_duration.labels(model).observe(time.perf_counter() - started)
-            return decode_response(response)
+            arrays = decode_response(response)
+            if missing := set(outputs) - set(arrays):
+                raise RemoteError(f"{model} on {self.url} answered without {sorted(missing)}")
+            return arrays
         raise InferenceUnavailable(
             f"{model} on {self.url}: unreachable or 503 after {self.retries + 1} tries"
         )
@@ -144,7 +147,8 @@ def decode_response(response: httpx.Response) -> dict[str, np.ndarray]:
         if size is None:
             array = np.asarray(output["data"], dtype=np.float32)
         else:
-            array = np.frombuffer(content, dtype="<f4", count=size // 4, offset=offset)
+            # A copy, as ONNX Runtime's outputs are: writable, and not pinning the whole response body.
+            array = np.frombuffer(content, dtype="<f4", count=size // 4, offset=offset).copy()
             offset += size
         arrays[output["name"]] = array.reshape(output["shape"])
     return arrays
