@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: help serve test test-fast web web-if-possible models bench bench-capture lint loadtest audit clean
+.PHONY: help serve test test-fast web web-if-possible models bench bench-capture bench-remote lint loadtest audit clean
 
 help:
 	@echo "make serve   - run the service on the shipped models (installs .[serve])"
@@ -91,6 +91,11 @@ bench: $(DEV_STAMP)
 # trip, and the time from "hold still" to an auto-captured assessment: bench/out/capture.json (about 1 min).
 bench-capture: $(DEV_STAMP) web
 	$(BIN)/python -m bench.capture --out bench/out
+
+# Atlas photos through the service with the models in process and in front of a V2 (Open Inference Protocol)
+# server, KServe's model server in its own .kserve-venv, interleaved: bench/out/remote.json (about 1 min).
+bench-remote: $(DEV_STAMP)
+	$(BIN)/python -m bench.remote --out bench/out
 
 # Capacity, 60 s of overload at 4x capacity (503 + Retry-After shedding), the minute after, a 10,000-request soak
 # (RSS growth) and the deadline-storm scenario, over loopback against servers it starts: bench/out/loadtest.json.

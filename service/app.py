@@ -24,7 +24,9 @@ from service.api.handling import AssessmentService
 from service.api.idempotency import HEADER as IDEMPOTENCY_HEADER
 from service.api.idempotency import REPLAYED_HEADER
 from service.api.routes import api, router
-from service.inference.runtime import load_models
+from service.inference.backend import Backend
+from service.inference.remote import RemoteBackend
+from service.inference.runtime import OnnxRuntimeBackend
 from service.io.decoding import register_heif
 from service.render.problems import install_problem_handlers
 from service.render.schemas import Problem
@@ -48,12 +50,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     if warning:
         log.warning(warning)
-    models = await anyio.to_thread.run_sync(load_models, settings)  # verifies every sha256
+    backend = await anyio.to_thread.run_sync(open_backend, settings, app.state.metrics)
+    models = backend.models
     service = AssessmentService(settings, models, app.state.metrics)
     await anyio.to_thread.run_sync(service.warm_up)
     for model in models:
         app.state.metrics.model_info.labels(model.manifest.name, model.manifest.version).set(1)
     app.state.service = service
+    app.state.backend = backend
     app.state.ready = True
     app.state.metrics.ready.set(1)
     try:
@@ -62,6 +66,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.ready = False
         app.state.metrics.ready.set(0)
         await anyio.to_thread.run_sync(service.close)
+        backend.close()
+
+
+def open_backend(settings: Settings, metrics: Metrics) -> Backend:
+    """The models, verified (sha256 in process; metadata against the manifests when remote) and warm."""
+    if settings.inference_backend == "remote":
+        return RemoteBackend(settings, metrics)
+    return OnnxRuntimeBackend(settings)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -79,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ready = False
     app.state.draining = False  # set by the SIGTERM handler in service/__main__.py
     app.state.service = None
+    app.state.backend = None
     app.state.keys = Keys(
         api=access.parse_keys(settings.api_keys), metrics=access.parse_keys(settings.metrics_api_keys)
     )

@@ -37,6 +37,25 @@ class Settings(BaseSettings):
         description='ONNX Runtime execution providers in order of preference, e.g. ["CUDAExecutionProvider", '
         '"CPUExecutionProvider"] with the onnxruntime-gpu build',
     )
+    # Where the models run: ONNX Runtime in this process, or a remote Open Inference Protocol (KServe V2)
+    # server such as Triton or KServe, which gets the prepared tensors (README: Deployment).
+    inference_backend: Literal["onnxruntime", "remote"] = "onnxruntime"
+    remote_url: str = Field(default="", description="the V2 REST base URL, e.g. http://triton:8000")
+    remote_model_version: str = Field(default="", description="model version to call; empty = the server's")
+    remote_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="per model call; a call that takes longer gets 504 (a call runs 5-40 ms)",
+    )
+    remote_retries: int = Field(
+        default=2, ge=0, description="retries of a call refused with 503 or unreachable"
+    )
+    remote_backoff_s: float = Field(
+        default=0.05, ge=0, description="first retry's wait, doubled for each next"
+    )
+    remote_startup_wait_s: float = Field(
+        default=120.0, ge=0, description="how long start-up waits for the remote models to be ready"
+    )
     intra_op_threads: int = Field(
         default=1, ge=0, description="threads per model run; 0 = ONNX Runtime's default"
     )
@@ -171,6 +190,14 @@ class Settings(BaseSettings):
         for path in (self.tls_certfile, self.tls_keyfile):
             if path is not None and not path.is_file():
                 raise ValueError(f"TLS file {path} does not exist: give the path of a PEM file")
+        return self
+
+    @model_validator(mode="after")
+    def _remote_url(self) -> Settings:
+        if self.inference_backend == "remote" and not self.remote_url.startswith(("http://", "https://")):
+            raise ValueError(
+                "CERVIGATE_INFERENCE_BACKEND=remote needs CERVIGATE_REMOTE_URL=http(s)://host:port"
+            )
         return self
 
     @property

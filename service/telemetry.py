@@ -24,6 +24,7 @@ from service.render.schemas import Problem
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 _EXAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+_REMOTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
 access_log = logging.getLogger("cervigate.access")
 log = logging.getLogger("cervigate")
@@ -86,6 +87,17 @@ class Metrics:
         )  # fmt: skip
         self.idempotency_bytes = Gauge(
             "cervigate_idempotency_store_bytes", "Memory held by stored Idempotency-Key answers", registry=r
+        )
+        # The remote backend (service.inference.remote): each model call's round trip, and the failed tries.
+        self.remote_duration = Histogram(
+            "cervigate_remote_inference_duration_seconds", "Round trip of a remote model call that answered",
+            ["model"], buckets=_REMOTE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.remote_errors = Counter(
+            "cervigate_remote_inference_errors",
+            "Remote model calls that failed, by cause: timeout, unreachable, unavailable (503), error",
+            ["model", "cause"],
+            registry=r,
         )
         for stage in STAGES:  # every stage series exists from the start, so dashboards never see gaps
             self.stage_duration.labels(stage)

@@ -26,7 +26,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from service.api.idempotency import REPLAYED_HEADER, IdempotencyKey, IdempotencyStore, echoing, fingerprint
-from service.inference.runtime import ModelSet
+from service.inference.backend import InferenceUnavailable, ModelSet
 from service.io.decoding import UploadRejected
 from service.io.dicom import DICOM_MEDIA_TYPE, DicomContext, read_context, require_dicom
 from service.io.uploads import ExamUpload, Photo, describe_size, read_exam, read_image
@@ -275,6 +275,8 @@ class AssessmentService:
                 f"no answer within {self.settings.request_deadline_s:g} s (queue or a very large photo); "
                 "take the photo again",
             ) from error
+        except InferenceUnavailable as error:
+            raise self._unavailable() from error
         assessment, review_images, facts, dicom = result
         self.metrics.observe_decision(assessment.decision, (r.value for r in assessment.reasons))
         request.state.log_fields = {
@@ -395,7 +397,19 @@ class AssessmentService:
         except (TimeoutError, DeadlinePassed):
             detail = f"no answer within {self.settings.request_deadline_s:g} s; take the photo again"
             return ExamPhoto(index, hint, problem=PartProblem(504, "deadline_exceeded", detail))
+        except InferenceUnavailable:
+            unavailable = self._unavailable()  # the detail names no internal host
+            return ExamPhoto(index, hint, problem=PartProblem(503, unavailable.code, unavailable.detail))
         return ExamPhoto(index, hint, assessment=assessment, review_images=images)
+
+    def _unavailable(self) -> ProblemError:
+        """The remote inference server is down or shedding load (after the retries): try again shortly."""
+        return ProblemError(
+            503,
+            "inference_unavailable",
+            "the inference server does not answer; retry after the delay in Retry-After",
+            headers={"Retry-After": str(self.settings.retry_after_s)},
+        )
 
     def _assess_and_render(
         self, photo: Photo, *, diagnose: bool, include: set[str], stage: str | None

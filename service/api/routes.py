@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import anyio
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -343,6 +344,11 @@ async def readyz(request: Request) -> Any:
         )
     if not request.app.state.ready:
         return problem_response(request, 503, "not_ready", "the models are still loading")
+    # The remote backend's engine can go away while this process lives: route no work here meanwhile.
+    reason = await anyio.to_thread.run_sync(request.app.state.backend.unready_reason)
+    request.app.state.metrics.ready.set(0 if reason else 1)
+    if reason:
+        return problem_response(request, 503, "not_ready", reason)
     return HealthOut(status="ready")
 
 

@@ -1,25 +1,22 @@
-"""The four ONNX models, loaded once, checked against their manifests, shared by every request.
+"""The in-process backend (the default): the four ONNX models, loaded once, checked against their manifests,
+shared by every request.
 
 `InferenceSession.run` is thread-safe, so one session per model serves all worker threads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from service.inference.manifest import MODEL_FILENAME, Manifest, ModelIntegrityError, read_manifest
+from service.inference.backend import ModelConfigurationError, ModelSet, check_compatible
+from service.inference.manifest import MODEL_FILENAME, Manifest, read_manifest
 from service.settings import Settings
 
 MODEL_NAMES = ("detector", "quality", "segmenter", "severity")
-
-
-class ModelConfigurationError(RuntimeError):
-    """The models on disk do not fit together or cannot run here; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -35,17 +32,6 @@ class OnnxModel:
     def warm_up(self) -> None:
         spec = self.manifest.input
         self.run(np.zeros((1, len(spec.channels), spec.height, spec.width), dtype=np.float32))
-
-
-@dataclass(frozen=True)
-class ModelSet:
-    detector: OnnxModel
-    quality: OnnxModel
-    segmenter: OnnxModel
-    severity: OnnxModel
-
-    def __iter__(self) -> Iterator[OnnxModel]:
-        return iter((self.detector, self.quality, self.segmenter, self.severity))
 
 
 def session_options(settings: Settings) -> ort.SessionOptions:
@@ -84,28 +70,22 @@ def load_model(model_dir: Path, settings: Settings) -> OnnxModel:
 def load_models(settings: Settings) -> ModelSet:
     """Load, verify and warm up all four models; refuse a set that does not belong together."""
     models = ModelSet(*(load_model(settings.models_dir / name, settings) for name in MODEL_NAMES))
-    _check_compatible(models)
+    check_compatible(models)
     for model in models:
         model.warm_up()
     return models
 
 
-def _check_compatible(models: ModelSet) -> None:
-    severity, segmenter = models.severity.manifest, models.segmenter.manifest
-    expected = severity.extra.get("segmenter_sha256")
-    if expected != segmenter.sha256:
-        raise ModelIntegrityError(
-            f"the severity model was trained on the lesion maps of segmenter {expected}, but segmenter "
-            f"{segmenter.sha256} is loaded: ship the segmenter and severity models from one `make models`"
-        )
-    margins = {
-        m.manifest.name: m.manifest.extra.get("crop_margin")
-        for m in (models.quality, models.segmenter, models.severity)
-    }
-    if len(set(margins.values())) != 1:
-        raise ModelConfigurationError(f"the crop models were trained on different crop margins {margins}")
-    shared = ("width", "height", "resize", "interpolation", "pad_value")
-    if any(getattr(severity.input, key) != getattr(segmenter.input, key) for key in shared):
-        raise ModelConfigurationError(
-            "segmenter and severity inputs must share size and resize rule: the lesion map is used as is"
-        )
+class OnnxRuntimeBackend:
+    """ONNX Runtime in this process: nothing outside it to wait for, so ready once loaded."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, settings: Settings) -> None:
+        self.models = load_models(settings)
+
+    def unready_reason(self) -> str | None:
+        return None
+
+    def close(self) -> None:
+        pass

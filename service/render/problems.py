@@ -36,6 +36,7 @@ TITLES = {
     "forbidden": "Not allowed with this key",
     "upload_timeout": "The upload took too long",
     "deadline_exceeded": "No answer within the deadline",
+    "inference_unavailable": "The inference server is unavailable",
     "client_disconnected": "The client disconnected",
     "too_many_photos": "Too many photos in the exam",
     "invalid_stages": "The stage hints do not fit the photos",
