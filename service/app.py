@@ -52,8 +52,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning(warning)
     backend = await anyio.to_thread.run_sync(open_backend, settings, app.state.metrics)
     models = backend.models
-    service = AssessmentService(settings, models, app.state.metrics)
-    await anyio.to_thread.run_sync(service.warm_up)
+    try:
+        service = AssessmentService(settings, models, app.state.metrics)
+        await anyio.to_thread.run_sync(service.warm_up)
+    except BaseException:
+        backend.close()  # a remote backend's connections, when the rest of start-up fails
+        raise
     for model in models:
         app.state.metrics.model_info.labels(model.manifest.name, model.manifest.version).set(1)
     app.state.service = service

@@ -133,6 +133,7 @@ def test_readiness_follows_the_engine_and_requests_get_503_while_it_is_down(
             assert response.headers["retry-after"] == "1" and engine.url not in response.text
             exam = httpx.post(service.url + "/v1/exams", files=[("image", ("a.jpg", photos[0]))], timeout=60)
             assert exam.status_code == 503 and exam.json()["code"] == "inference_unavailable"
+            assert exam.headers["retry-after"] == "1"
             assert engine.url not in exam.text  # clients are not told internal host names
             engine = kserve_server(port=engine.port)  # the engine comes back where it was
             engine.start()

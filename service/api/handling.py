@@ -323,8 +323,10 @@ class AssessmentService:
         refused = [p.problem for p in photos if p.problem is not None]
         if len(refused) == len(photos):  # nothing in it could be read: the request is bad as a whole
             first = refused[0]
+            # A busy or unreachable engine is worth a retry: say when, as every other 503 does.
+            retry = {"Retry-After": str(self.settings.retry_after_s)} if first.status == 503 else None
             raise ProblemError(
-                first.status, first.code, f"no photo could be assessed; photo 0: {first.detail}"
+                first.status, first.code, f"no photo could be assessed; photo 0: {first.detail}", retry
             )
         exam = summarise(photos, self.pipeline.case_model, self.pipeline.rules.cin2plus)
         for photo in photos:
@@ -373,9 +375,8 @@ class AssessmentService:
         response = await self.idempotency.answer(
             key, digest, answer, endpoint=request.url.path, wait_s=wait_s
         )
-        if (
-            REPLAYED_HEADER in response.headers
-        ):  # the access log says so; the first answer logged its decision
+        if REPLAYED_HEADER in response.headers:
+            # The access log says so; the first answer logged its decision.
             request.state.log_fields = {"idempotent_replay": True}
         return response
 
