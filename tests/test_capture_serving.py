@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from service.app import create_app
+from service.pipeline import measures
 from service.settings import CAPTURE_APP_DIR, Settings
 from service.web import capture
 
@@ -103,6 +104,7 @@ def test_the_device_gate_gets_its_models_rules_and_words(client: TestClient) -> 
         assert len(onnx.content) == model["bytes"] and model["sha256"] in model["model_url"]
     assert gate["rules"]["focus_threshold"] == "not_sharp_balanced"
     assert gate["rules"]["min_cervix_crop_px"] == 192  # the quality manifest's min_cervix_px
+    assert gate["rules"]["tissue_sample_pixels"] == measures.MAX_SAMPLED_PIXELS
     assert set(gate["messages"]) == set(gate["advice"]) == {"en", "es", "fr", "pt", "sw"}
     for language in gate["messages"]:
         assert set(gate["messages"][language]) == set(gate["advice"][language]) == set(gate["reasons"])

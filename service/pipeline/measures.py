@@ -20,7 +20,7 @@ OVER_WHITE_MAX = 0.30
 GLARE_MAX = 0.10  # clipped-white fraction of the tissue ellipse above which the photo is glare-washed
 SATURATED_LEVEL = 245  # a pixel whose every channel reaches this is clipped white
 TISSUE_SEMI_AXES = (0.35, 0.35)  # central ellipse, as fractions of (W, H)
-_MAX_SAMPLED_PIXELS = 65_536  # a regular grid this dense is plenty for a mean and a fraction (±0.5 %)
+MAX_SAMPLED_PIXELS = 65_536  # a regular grid this dense is plenty for a mean and a fraction (±0.5 %)
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def _sampled_ellipse(height: int, width: int, stride: int, semi_axes: tuple[floa
 def tissue_pixels(image: np.ndarray, semi_axes: tuple[float, float] = TISSUE_SEMI_AXES) -> np.ndarray:
     """Nx3 uint8: the tissue ellipse's pixels, on a regular grid of at most about 65k points."""
     h, w = image.shape[:2]
-    stride = max(1, math.ceil(math.sqrt(h * w / _MAX_SAMPLED_PIXELS)))
+    stride = max(1, math.ceil(math.sqrt(h * w / MAX_SAMPLED_PIXELS)))
     return image[::stride, ::stride][_sampled_ellipse(h, w, stride, tuple(semi_axes))]
 
 

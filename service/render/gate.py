@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from service.inference.manifest import MANIFEST_FILENAME, MODEL_FILENAME, Manifest
+from service.pipeline.measures import MAX_SAMPLED_PIXELS
 from service.pipeline.rules import EDGE_TOLERANCE, Rules
 from service.render.reasons import ADVICE, LANGUAGES, MESSAGES, PRIORITY
 
@@ -35,6 +36,9 @@ class GateRulesOut(BaseModel):
     min_cervix_crop_px: int
     cut_off_max_extent: float
     edge_tolerance: float
+    tissue_sample_pixels: int = Field(
+        description="exposure and glare are measured on a regular grid of at most this many tissue pixels"
+    )
 
 
 class GateOut(BaseModel):
@@ -65,6 +69,7 @@ def gate_bundle(manifests: dict[str, Manifest], sizes: dict[str, int], rules: Ru
             min_cervix_crop_px=rules.min_crop_px,
             cut_off_max_extent=rules.cut_off_max_extent,
             edge_tolerance=EDGE_TOLERANCE,
+            tissue_sample_pixels=MAX_SAMPLED_PIXELS,
         ),
         reasons=[reason.value for reason in PRIORITY],
         messages=_texts(MESSAGES),

@@ -26,6 +26,7 @@ interface GateInfo {
     min_cervix_crop_px: number;
     cut_off_max_extent: number;
     edge_tolerance: number;
+    tissue_sample_pixels: number;
   };
   reasons: string[];
   messages: Record<string, Record<string, string>>;
@@ -42,8 +43,6 @@ export interface DeviceAnswer extends Assessment {
 }
 
 export class IntegrityError extends Error {}
-
-const MAX_SAMPLED_PIXELS = 65_536; // measures.py: the tissue sample grid
 
 async function sha256Hex(bytes: ArrayBuffer): Promise<string> {
   const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
@@ -214,7 +213,7 @@ export class DeviceGate {
     const measure = this.quality.manifest.extra.exposure_measure as { tissue_semi_axes: [number, number]; saturated_level: number };
     const [ax, ay] = measure.tissue_semi_axes;
     const { width: w, height: h, data } = image;
-    const stride = Math.max(1, Math.ceil(Math.sqrt((h * w) / MAX_SAMPLED_PIXELS)));
+    const stride = Math.max(1, Math.ceil(Math.sqrt((h * w) / this.info.rules.tissue_sample_pixels)));
     let count = 0;
     let lumaSum = 0;
     let white = 0;

@@ -119,56 +119,40 @@ function clip8(sum: number): number {
 
 /** Resize like Pillow's Image.resize for 8-bit RGB: horizontal pass, then vertical, each rounded to 8 bits. */
 export function resize(image: Rgb, width: number, height: number, filter: InputSpec["interpolation"]): Rgb {
-  if (image.width === width && image.height === height) return image;
   let current = image;
-  if (width !== image.width) {
-    const c = coefficients(image.width, width, filter);
-    const out = new Uint8Array(width * image.height * 3);
-    for (let y = 0; y < image.height; y++) {
-      const row = y * image.width * 3;
-      for (let x = 0; x < width; x++) {
-        let r = FIXED_HALF;
-        let g = FIXED_HALF;
-        let b = FIXED_HALF;
-        for (let i = 0; i < c.sizes[x]; i++) {
-          const w = c.weights[x * c.window + i];
-          const p = row + (c.starts[x] + i) * 3;
-          r += current.data[p] * w;
-          g += current.data[p + 1] * w;
-          b += current.data[p + 2] * w;
-        }
-        const o = (y * width + x) * 3;
-        out[o] = clip8(r);
-        out[o + 1] = clip8(g);
-        out[o + 2] = clip8(b);
-      }
-    }
-    current = { width, height: image.height, data: out };
-  }
-  if (height !== current.height) {
-    const c = coefficients(current.height, height, filter);
-    const out = new Uint8Array(width * height * 3);
-    for (let y = 0; y < height; y++) {
-      for (let x = 0; x < width; x++) {
-        let r = FIXED_HALF;
-        let g = FIXED_HALF;
-        let b = FIXED_HALF;
-        for (let i = 0; i < c.sizes[y]; i++) {
-          const w = c.weights[y * c.window + i];
-          const p = ((c.starts[y] + i) * width + x) * 3;
-          r += current.data[p] * w;
-          g += current.data[p + 1] * w;
-          b += current.data[p + 2] * w;
-        }
-        const o = (y * width + x) * 3;
-        out[o] = clip8(r);
-        out[o + 1] = clip8(g);
-        out[o + 2] = clip8(b);
-      }
-    }
-    current = { width, height, data: out };
-  }
+  if (width !== current.width) current = resamplePass(current, width, "x", filter);
+  if (height !== current.height) current = resamplePass(current, height, "y", filter);
   return current;
+}
+
+/** One of Pillow's two 8-bit passes: resample along `axis` to `size` pixels, the other axis unchanged. */
+function resamplePass(image: Rgb, size: number, axis: "x" | "y", filter: InputSpec["interpolation"]): Rgb {
+  const width = axis === "x" ? size : image.width;
+  const height = axis === "y" ? size : image.height;
+  const c = coefficients(axis === "x" ? image.width : image.height, size, filter);
+  const step = axis === "x" ? 3 : image.width * 3; // bytes between neighbours along the axis
+  const out = new Uint8Array(width * height * 3);
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const k = axis === "x" ? x : y; // the output pixel's index along the axis
+      const base = axis === "x" ? y * image.width * 3 : x * 3;
+      let r = FIXED_HALF;
+      let g = FIXED_HALF;
+      let b = FIXED_HALF;
+      for (let i = 0; i < c.sizes[k]; i++) {
+        const w = c.weights[k * c.window + i];
+        const p = base + (c.starts[k] + i) * step;
+        r += image.data[p] * w;
+        g += image.data[p + 1] * w;
+        b += image.data[p + 2] * w;
+      }
+      const o = (y * width + x) * 3;
+      out[o] = clip8(r);
+      out[o + 1] = clip8(g);
+      out[o + 2] = clip8(b);
+    }
+  }
+  return { width, height, data: out };
 }
 
 /** The spec's resize rule: the image at model size and where it landed (preprocess.fit). */
