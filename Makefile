@@ -73,6 +73,7 @@ test-fast: $(DEV_STAMP) web
 MODEL_TASKS := detector segmenter severity quality
 RUNS := runs
 models: $(DEV_STAMP)
+	$(BIN)/python -m training.data fetch-negatives
 	@set -e; for task in $(MODEL_TASKS); do \
 		echo "== $$task"; \
 		$(BIN)/python -m training train $$task --output-dir $(RUNS)/$$task; \

