@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import httpx
 import numpy as np
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -47,6 +48,44 @@ def _animated(fmt: str) -> bytes:
     frames = [Image.fromarray(np.full((100, 100, 3), v, np.uint8)) for v in (0, 200)]
     buffer = io.BytesIO()
     frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:])
+    return buffer.getvalue()
+
+
+def _progressive(size: tuple[int, int] = (400, 300)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (120, 60, 60)).save(buffer, "JPEG", progressive=True, quality=50)
+    return buffer.getvalue()
+
+
+def _scan_bomb(copies: int = 5000) -> bytes:
+    """A progressive JPEG whose last scan is repeated: a few hundred KB that a decoder must run thousands
+    of scans over (with 20,000 copies of a 4000x3000 photo's scan, Pillow took four minutes)."""
+    photo = _progressive((4000, 3000))
+    last_scan = photo.rfind(b"\xff\xda")
+    return photo[:-2] + photo[last_scan:-2] * copies + b"\xff\xd9"
+
+
+def _segment_flood(count: int = 200_000) -> bytes:
+    """Empty comment segments before the first scan: each costs Pillow's header parser a Python loop."""
+    photo = _progressive()
+    first_scan = photo.find(b"\xff\xda")
+    return photo[:first_scan] + b"\xff\xfe\x00\x02" * count + photo[first_scan:]
+
+
+def _avif() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (160, 120), (120, 60, 60)).save(buffer, "AVIF")
+    return buffer.getvalue()
+
+
+def _dicom_jpeg_2000_larger_than_declared() -> bytes:
+    """A JPEG 2000 codestream of 2000x2000 pixels in a DICOM header that says 160x120."""
+    big = dcm.jpeg_2000(np.zeros((2000, 2000, 3), np.uint8))
+    small = dcm.jpeg_2000(PIXELS)
+    ds_big, ds_small = (pydicom.dcmread(io.BytesIO(b)) for b in (big, small))
+    ds_small.PixelData = ds_big.PixelData
+    buffer = io.BytesIO()
+    ds_small.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
 
 
@@ -124,6 +163,16 @@ CORPUS: list[tuple[str, bytes, str, int, str]] = [
         "unsupported_transfer_syntax",
     ),
     ("dicom: 40x40", dcm.native(PIXELS[:40, :40]), dcm.DICOM, 422, "image_too_small"),
+    ("jpeg scan bomb", _scan_bomb(), "image/jpeg", 422, "too_many_scans"),
+    ("jpeg segment flood", _segment_flood(), "image/jpeg", 422, "undecodable_image"),
+    ("avif", _avif(), "image/avif", 415, "unsupported_image_type"),
+    (
+        "dicom: JPEG 2000 larger than its header",
+        _dicom_jpeg_2000_larger_than_declared(),
+        dcm.DICOM,
+        422,
+        "undecodable_image",
+    ),
 ]
 
 
@@ -156,6 +205,36 @@ def test_odd_but_valid_images_are_answered(client: TestClient, variant: str) -> 
         response = client.post("/v1/quality", files={"image": ("p", body, "application/octet-stream")})
         assert response.status_code == 200, response.text
         assert response.json()["decision"] in ("recapture", "accept")
+
+
+def test_a_progressive_jpeg_with_its_ordinary_scans_is_assessed(client: TestClient) -> None:
+    photo = make.encode(np.random.default_rng(1).integers(0, 255, (240, 320, 3), dtype=np.uint8))
+    progressive = io.BytesIO()
+    Image.open(io.BytesIO(photo)).save(progressive, "JPEG", progressive=True, quality=90)
+    assert progressive.getvalue().count(b"\xff\xda") == 10  # libjpeg's default progression
+    response = client.post(
+        "/v1/quality", content=progressive.getvalue(), headers={"content-type": "image/jpeg"}
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_a_nameless_photo_part_is_told_how_to_name_it(client: TestClient) -> None:
+    body = b"--b\r\nContent-Type: image/jpeg\r\n\r\n" + bytes(5000) + b"\r\n--b--\r\n"
+    response = client.post(
+        "/v1/assess", content=body, headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert response.status_code == 400
+    assert response.json()["code"] == "malformed_multipart"
+    assert "a nameless form part" in response.json()["detail"] and 'name="image"' in response.json()["detail"]
+
+
+def test_a_field_name_in_utf8_is_quoted_as_sent(client: TestClient) -> None:
+    body = '--b\r\nContent-Disposition: form-data; name="imagé"\r\n\r\nx\r\n--b--\r\n'.encode()
+    response = client.post(
+        "/v1/assess", content=body, headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert response.status_code == 422
+    assert response.json()["code"] == "missing_image" and "'imagé'" in response.json()["detail"]
 
 
 def _exif(orientation: int) -> Image.Exif:

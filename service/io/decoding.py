@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -79,6 +80,24 @@ class AnimatedImage(UploadRejected):
     status = 422
 
 
+class TooManyScans(UploadRejected):
+    code = "too_many_scans"
+    status = 422
+
+
+# A progressive JPEG is a series of scans, each refining the whole image, and a decoder must run every
+# one: 20,000 copies of one scan fit in 600 KB and took Pillow four minutes at 1/8 scale (a "scan bomb";
+# libjpeg-turbo guards its own tools with -maxscans). Cameras and encoders write about 10 (libjpeg's
+# default progression: 10 scans), so 100 leaves room for any real photo.
+MAX_JPEG_SCANS = 100
+MAX_JPEG_SEGMENTS = 2000  # markers of all kinds; a photo has a few dozen (EXIF, ICC, tables, scans)
+# Inside entropy-coded data 0xFF is followed by 0x00 (stuffing) or a restart marker; any other byte after
+# it starts the next marker segment (fill bytes 0xFF may come before it).
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_STANDALONE_MARKERS = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})
+_JPEG_START = b"\xff\xd8"
+
+
 @dataclass(frozen=True)
 class DecodeLimits:
     max_pixels: int
@@ -129,7 +148,9 @@ class DecodedImage:
 
 def decode_upload(data: bytes, limits: DecodeLimits) -> DecodedImage:
     """Validate and decode an upload, refusing unsupported, oversized and animated images before decoding."""
-    image = _open(data)
+    if data[:2] == _JPEG_START:  # before Pillow: its own header parser loops over every segment in Python
+        check_jpeg_scans(data)
+    image = _open(data, limits.max_pixels)
     try:
         width, height, media_type = _check(image, limits)
         decoded, orientation, drafted = _decode_opened(image, data, draft_side=limits.decode_min_side)
@@ -176,21 +197,65 @@ def _check(image: Image.Image, limits: DecodeLimits) -> tuple[int, int, str]:
     return width, height, media_type
 
 
+def check_jpeg_scans(data: bytes) -> None:
+    """Refuse a JPEG whose first image has more than MAX_JPEG_SCANS scans, before decoding it.
+
+    Walks the marker segments by their lengths, so bytes inside an APPn segment (an EXIF thumbnail is a
+    JPEG of its own, an ICC profile is anything) are never taken for markers; only the entropy-coded data
+    after each scan header is searched for the next marker. A malformed layout ends the walk: the decoder
+    then judges the file. The walk itself is bounded (MAX_JPEG_SEGMENTS): a flood of tiny segments would
+    otherwise cost a Python loop per segment."""
+    position, scans, segments, end = 2, 0, 0, len(data)
+    while position + 4 <= end and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            position += 1
+            continue
+        if marker == 0xD9:  # end of image: an MPO's other frames follow, but Pillow decodes the first
+            return
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise UploadRejected(
+                f"the JPEG has more than {MAX_JPEG_SEGMENTS} marker segments (a camera writes a few dozen); "
+                "save the photo again as a standard JPEG"
+            )
+        if marker in _STANDALONE_MARKERS:
+            position += 2
+            continue
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise TooManyScans(
+                    f"the JPEG has more than {MAX_JPEG_SCANS} scans (a camera writes about 10); "
+                    "save the photo again as a standard JPEG"
+                )
+            found = _NEXT_MARKER.search(data, position)
+            if found is None:
+                return
+            position = found.start()
+
+
 def _formats() -> list[str]:
     """Pillow plugins allowed to parse untrusted bytes: the accepted formats, plus a few common ones
     recognised only to be refused by name (415) rather than as undecodable."""
-    wanted = (*SUPPORTED_FORMATS, "GIF", "BMP", "TIFF", "ICO", "JPEG2000")
+    wanted = (*SUPPORTED_FORMATS, "GIF", "BMP", "TIFF", "ICO", "JPEG2000", "AVIF")
     Image.init()
     return [name for name in wanted if name in Image.OPEN]
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(data: bytes, max_pixels: int | None = None) -> Image.Image:
     if not data:
         raise UploadRejected("the upload is empty; attach the photo")
     try:
         return Image.open(io.BytesIO(data), formats=_formats())
     except Image.DecompressionBombError as error:
-        raise TooManyPixels(f"{error}; send the photo at a lower resolution") from error
+        # Pillow refuses a header above twice its own MAX_IMAGE_PIXELS before the service can check its own,
+        # lower, limit: the answer gives the service's limit, not Pillow's wording.
+        limit = max_pixels if max_pixels is not None else 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise TooManyPixels(
+            f"the image has more than the {limit} pixels allowed; send the photo at a lower resolution"
+        ) from error
     except Exception as error:  # any parser failure on untrusted bytes is the client's problem, not a 500
         raise UploadRejected(
             "the upload is not a readable image; send a JPEG, PNG, WebP or HEIC photo"

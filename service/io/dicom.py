@@ -128,6 +128,8 @@ def decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
         image = decode_upload(_only_frame(dataset), limits)
         image.media_type = DICOM_MEDIA_TYPE
         return image
+    if syntax in _JPEG_2000:
+        _check_codestream_size(_only_frame(dataset), dataset)
     rgb = _decode_pixels(dataset)
     # Native pixels come whole: box-reduce for the whole-photo stages, keep the full ones for the crop.
     full = Image.fromarray(rgb)
@@ -297,6 +299,25 @@ def _only_frame(dataset: Dataset) -> bytes:
         return next(generate_frames(dataset.PixelData, number_of_frames=1))
     except Exception as error:  # a broken item structure: the encapsulation, not the JPEG, is damaged
         raise TruncatedDicom(_truncated_detail()) from error
+
+
+def _check_codestream_size(frame: bytes, dataset: Dataset) -> None:
+    """A JPEG 2000 codestream's own size (its SIZ header) must be the header's Rows x Columns, checked
+    before decoding: the pixel count was checked on the header's figures, and a larger codestream cost
+    seconds to decode before the mismatch showed."""
+    try:
+        with Image.open(io.BytesIO(frame), formats=["JPEG2000"]) as codestream:
+            size = codestream.size
+    except Exception as error:  # not a codestream Pillow can read, or one past Pillow's own pixel limit
+        raise UploadRejected(
+            "the DICOM JPEG 2000 pixel data is not a readable codestream; export the photo again"
+        ) from error
+    declared = (_integer(dataset, "Columns"), _integer(dataset, "Rows"))
+    if size != declared:
+        raise UploadRejected(
+            f"the JPEG 2000 pixel data is {size[0]}x{size[1]} pixels but the DICOM header says "
+            f"{declared[0]}x{declared[1]}; export the photo again"
+        )
 
 
 def _decode_pixels(dataset: Dataset) -> np.ndarray:

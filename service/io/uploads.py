@@ -238,7 +238,8 @@ class _StreamingForm:
 
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
-        name = options.get(b"name", b"").decode("latin-1")
+        # Browsers send a field name as raw UTF-8 (RFC 7578), which the parser hands over as bytes.
+        name = options.get(b"name", b"").decode("utf-8", "replace")
         if len(self.form.names) < 5:
             self.form.names.append(name)
         if name == IMAGE_FIELD:
@@ -256,7 +257,16 @@ class _StreamingForm:
         assert self._field is not None
         self._field.append(data)
         if sum(map(len, self._field)) > MAX_FIELD_BYTES:
-            raise ProblemError(400, "malformed_multipart", f"a form field is over {MAX_FIELD_BYTES} bytes")
+            # Usually a photo sent in a part without the right Content-Disposition name: say so.
+            which = (
+                f"the form field {self._field_name[:40]!r}" if self._field_name else "a nameless form part"
+            )
+            raise ProblemError(
+                400,
+                "malformed_multipart",
+                f"{which} is over {MAX_FIELD_BYTES} bytes; send the photo as a file part named "
+                f"'{IMAGE_FIELD}' (Content-Disposition: form-data; name=\"{IMAGE_FIELD}\"; filename=...)",
+            )
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._sink is not None and end > start:

@@ -22,6 +22,7 @@ TITLES = {
     "unsupported_image_type": "Unsupported image format",
     "undecodable_image": "The image cannot be decoded",
     "animated_image": "Animated images are not accepted",
+    "too_many_scans": "The JPEG has too many scans",
     "missing_image": "No image in the request",
     "duplicate_image": "More than one image in the request",
     "malformed_multipart": "The multipart body is malformed",
