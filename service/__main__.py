@@ -15,6 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service import sizing
+from service.api.http_protocol import guarded_h11
 from service.app import create_app
 from service.settings import Settings
 from service.telemetry import configure_logging
@@ -56,6 +57,11 @@ def main() -> None:
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
         ssl_certfile=settings.tls_certfile,
         ssl_keyfile=settings.tls_keyfile,
+        # h11 with a header bound and deadline, answering in problem+json (service/api/http_protocol.py);
+        # no WebSocket upgrades: the API has none, so an upgrade request is an ordinary (refused) request.
+        http=guarded_h11(settings.header_timeout_s, settings.max_header_bytes),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        ws="none",
     )
     DrainingServer(config, app, settings.shutdown_drain_s).run()
 

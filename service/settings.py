@@ -121,6 +121,17 @@ class Settings(BaseSettings):
     upload_timeout_s: float = Field(
         default=30.0, gt=0, description="a request body not received within this gets 408"
     )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="request headers not complete within this (from the connection or the request's first "
+        "byte) get 408 header_timeout and the connection closes (slowloris)",
+    )
+    max_header_bytes: int = Field(
+        default=64 * 1024,
+        ge=1024,
+        description="request line and headers over this get 431 headers_too_large; nothing more is buffered",
+    )
     malloc_mmap_threshold_bytes: int = Field(
         default=16 * 1024 * 1024,
         ge=0,

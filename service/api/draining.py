@@ -7,7 +7,7 @@ do (nginx's lingering close), the unread rest of a refused body is read and disc
 out, up to a hard bound in bytes and seconds so a 10 GB upload cannot hold the server; past the bound the
 answer goes out with `Connection: close` and the client may still see a reset. A client that sent
 `Expect: 100-continue` (curl does for large bodies) and has not been asked for its body is answered at once:
-it never sends the body.
+it never sends the body; so is a client refused for being too slow (408).
 """
 
 from __future__ import annotations
@@ -46,7 +46,10 @@ class DrainRefusedBodies:
 
         async def draining_send(message: Message) -> None:
             starting = message["type"] == "http.response.start"
-            if starting and not body.done and not await self._drain(body, receive):
+            # A 408 went to a client that was too slow already: waiting for the rest of its body would only
+            # hold its answer back (by up to `max_seconds`): it goes at once, and the connection closes.
+            too_slow = message.get("status") == 408
+            if starting and not body.done and (too_slow or not await self._drain(body, receive)):
                 message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 

@@ -13,9 +13,9 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from typing import Any, TypeVar
 
@@ -62,12 +62,18 @@ class Admission:
         self.metrics = metrics
         self.inflight = 0
         self._lock = threading.Lock()
+        self._readers: set[Upload] = set()  # admitted requests still receiving their body (event loop only)
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[Ticket]:
-        """One admitted request; an exam then grows its ticket to count every photo."""
+        """One admitted request; an exam then grows its ticket to count every photo.
+
+        At capacity, a request still receiving a body that has sent nothing for `STALLED_UPLOAD_S` gives its
+        place up (it gets 408) rather than the newcomer being shed: 32 connections that send headers and
+        then nothing would otherwise keep every photo out for the whole upload timeout. The evicted
+        request's units come back as it ends, a moment later."""
         with self._lock:
-            if self.inflight >= self.max_inflight:
+            if self.inflight >= self.max_inflight and not self._evict_a_stalled_upload():
                 raise self._overloaded()
             self._add(1)
         ticket = Ticket(self, weight=1)
@@ -75,6 +81,33 @@ class Admission:
             yield ticket
         finally:
             ticket.close()
+
+    @contextmanager
+    def receiving(self) -> Iterator[Upload]:
+        """While an admitted request reads its body: its progress is watched, and it may be evicted."""
+        upload = Upload()
+        self._readers.add(upload)
+        try:
+            with upload.scope:
+                yield upload
+        finally:
+            self._readers.discard(upload)
+        if upload.scope.cancelled_caught:
+            raise ProblemError(
+                408,
+                "upload_timeout",
+                f"the upload stalled for {STALLED_UPLOAD_S:g} s while the service was full; send it again",
+            )
+
+    def _evict_a_stalled_upload(self) -> bool:  # under the lock, on the event loop
+        now = time.monotonic()
+        stalled = [u for u in self._readers if not u.evicted and now - u.last_progress >= STALLED_UPLOAD_S]
+        if not stalled:
+            return False
+        victim = min(stalled, key=lambda upload: upload.last_progress)
+        victim.evicted = True
+        victim.scope.cancel()
+        return True
 
     def grow(self, ticket: Ticket, extra: int) -> None:
         """Count `extra` more units of work for an admitted request, or shed it. A request that is alone
@@ -97,6 +130,22 @@ class Admission:
             "the service is at capacity; retry after the delay in Retry-After",
             headers={"Retry-After": str(self.retry_after)},
         )
+
+
+# An admitted upload that has received nothing for this long is stalled: at capacity it yields its place.
+STALLED_UPLOAD_S = 2.0
+
+
+class Upload:
+    """One admitted request's body as it arrives: when bytes last came, and the scope that evicts it."""
+
+    def __init__(self) -> None:
+        self.last_progress = time.monotonic()
+        self.scope = anyio.CancelScope()
+        self.evicted = False
+
+    def progress(self) -> None:
+        self.last_progress = time.monotonic()
 
 
 class Ticket:
@@ -245,7 +294,10 @@ class AssessmentService:
     ) -> Response:
         """One photo; the JSON answer, or with `fhir_context` the FHIR R4 bundle."""
         async with echoing(idempotency), self.admission.slot() as ticket:
-            photo = await read_image(request, self.settings.max_upload_bytes, self.settings.upload_timeout_s)
+            with self.admission.receiving() as upload:
+                photo = await read_image(
+                    request, self.settings.max_upload_bytes, self.settings.upload_timeout_s, upload.progress
+                )
             answer = partial(self._answer_photo, request, ticket, photo, diagnose=diagnose, language=language,
                              include=include, stage=stage, fhir_context=fhir_context)  # fmt: skip
             negotiated = (language, "fhir" if fhir_context is not None else "json")  # what shapes the answer
@@ -296,9 +348,14 @@ class AssessmentService:
         started = time.perf_counter()
         settings = self.settings
         async with echoing(idempotency), self.admission.slot() as ticket:
-            upload = await read_exam(
-                request, settings.max_exam_bytes, settings.max_exam_photos, settings.upload_timeout_s
-            )
+            with self.admission.receiving() as receiving:
+                upload = await read_exam(
+                    request,
+                    settings.max_exam_bytes,
+                    settings.max_exam_photos,
+                    settings.upload_timeout_s,
+                    receiving.progress,
+                )
             self.admission.grow(ticket, len(upload.photos) - 1)  # an exam counts its photos
             answer = partial(self._answer_exam, request, ticket, upload, language, include, started)
             fields = [language, *(hint or "" for hint in upload.stage_hints)]

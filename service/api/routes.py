@@ -352,6 +352,18 @@ async def readyz(request: Request) -> Any:
     return HealthOut(status="ready")
 
 
+# Health checkers (and RFC 9110) expect HEAD wherever GET works: the same status, no body.
+@router.head("/healthz", include_in_schema=False)
+async def healthz_head() -> Response:
+    return Response(status_code=200)
+
+
+@router.head("/readyz", include_in_schema=False)
+async def readyz_head(request: Request) -> Response:
+    answer = await readyz(request)
+    return Response(status_code=answer.status_code if isinstance(answer, Response) else 200)
+
+
 @router.get("/metrics", include_in_schema=False, dependencies=[Depends(require_metrics_key)])
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

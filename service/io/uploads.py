@@ -56,15 +56,22 @@ class Photo:
         return b"".join(self.chunks)
 
 
-async def read_image(request: Request, max_bytes: int, timeout_s: float) -> Photo:
+def _no_progress_watch() -> None:
+    pass
+
+
+async def read_image(
+    request: Request, max_bytes: int, timeout_s: float, progress: Callable[[], None] = _no_progress_watch
+) -> Photo:
+    """The request's photo; `progress` is called whenever part of the body arrives."""
     media_type, params = _accepted_type(request, multipart_only=False)
     if media_type == b"multipart/form-data":
         form = _StreamingForm(params, max_images=1, max_parts=MAX_PARTS)
-        await _read_in_time(request, max_bytes, timeout_s, form.feed)
+        await _read_in_time(request, max_bytes, timeout_s, form.feed, progress)
         photo = _only_image(form.finish())
     else:
         photo = Photo(media_type=media_type.decode("latin-1").lower())
-        await _read_in_time(request, max_bytes, timeout_s, photo.chunks.append)
+        await _read_in_time(request, max_bytes, timeout_s, photo.chunks.append, progress)
     if not photo.size:
         raise ProblemError(400, "empty_upload", "the image is empty: attach the photo")
     return photo
@@ -78,13 +85,19 @@ class ExamUpload:
     stage_hints: list[str | None]
 
 
-async def read_exam(request: Request, max_bytes: int, max_photos: int, timeout_s: float) -> ExamUpload:
+async def read_exam(
+    request: Request,
+    max_bytes: int,
+    max_photos: int,
+    timeout_s: float,
+    progress: Callable[[], None] = _no_progress_watch,
+) -> ExamUpload:
     """Up to `max_photos` photos as repeated `image` parts, and an optional `stages` field: one stage per
     photo, comma-separated, in the same order (acetic, saline, iodine, green, or auto / empty for "not
     said"). Empty or oversize photos are left for the caller to refuse one by one."""
     _, params = _accepted_type(request, multipart_only=True)
     form = _StreamingForm(params, max_images=max_photos, max_parts=max_photos + MAX_PARTS)
-    await _read_in_time(request, max_bytes, timeout_s, form.feed)
+    await _read_in_time(request, max_bytes, timeout_s, form.feed, progress)
     parts = form.finish()
     if not parts.images:
         raise _missing_image(parts)
@@ -107,6 +120,14 @@ def _stage_hints(values: list[bytes] | None, count: int) -> list[str | None]:
 
 
 def _accepted_type(request: Request, *, multipart_only: bool) -> tuple[bytes, dict[bytes, bytes]]:
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        # Not decoded here (a gzip bomb stays a few KB); a photo is compressed already anyway.
+        raise ProblemError(
+            415,
+            "unsupported_media_type",
+            f"Content-Encoding {encoding[:20]} is not accepted: send the photo as it is, unencoded",
+        )
     media_type, params = parse_options_header(request.headers.get("content-type", ""))
     media = media_type.decode("latin-1").lower()
     if media == "multipart/form-data":
@@ -129,11 +150,15 @@ def _accepted_type(request: Request, *, multipart_only: bool) -> tuple[bytes, di
 
 
 async def _read_in_time(
-    request: Request, max_bytes: int, timeout_s: float, consume: Callable[[bytes], None]
+    request: Request,
+    max_bytes: int,
+    timeout_s: float,
+    consume: Callable[[bytes], None],
+    progress: Callable[[], None],
 ) -> None:
     try:
         with anyio.fail_after(timeout_s):
-            await _read_body(request, max_bytes, consume)
+            await _read_body(request, max_bytes, consume, progress)
     except TimeoutError as error:
         message = f"the photo did not arrive within {timeout_s:g} s; send it again"
         raise ProblemError(408, "upload_timeout", message) from error
@@ -143,7 +168,9 @@ async def _read_in_time(
         ) from error
 
 
-async def _read_body(request: Request, max_bytes: int, consume: Callable[[bytes], None]) -> None:
+async def _read_body(
+    request: Request, max_bytes: int, consume: Callable[[bytes], None], progress: Callable[[], None]
+) -> None:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
@@ -153,6 +180,7 @@ async def _read_body(request: Request, max_bytes: int, consume: Callable[[bytes]
         if size > max_bytes:
             raise _too_large(max_bytes)
         if chunk:
+            progress()
             consume(chunk)
 
 
