@@ -150,3 +150,14 @@ def test_an_encoded_body_is_refused_unread(server: Server) -> None:
     )
     assert response.status_code == 415 and response.json()["code"] == "unsupported_media_type"
     assert "Content-Encoding" in response.json()["detail"]
+
+
+def test_a_request_framed_two_ways_is_refused_and_the_connection_closed(server: Server) -> None:
+    with _connect(server) as sock:
+        sock.sendall(
+            b"POST /v1/quality HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 4\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        status, headers, body = _answer(sock)  # one answer, then the close: the smuggled GET is never served
+    assert status == 400 and headers["connection"] == "close"
+    assert json.loads(body)["code"] == "malformed_request"

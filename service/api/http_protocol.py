@@ -9,7 +9,8 @@ measured back to back) with:
 - a header deadline: request headers not complete within `header_timeout_s` of the first byte (or of the
   connection opening) get 408, and the connection closes;
 - every answer of its own, those two and h11's 400s for malformed requests, as problem+json with a
-  stable code, instead of uvicorn's plain text.
+  stable code, instead of uvicorn's plain text;
+- and (as ASGI middleware, `RefuseAmbiguousFraming`) a 400 for a request framed two ways at once.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from http import HTTPStatus
 from typing import Any
 
 import h11
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.render.problems import PROBLEM_MEDIA_TYPE, TITLES
@@ -89,16 +91,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _answer(self, status: int, code: str, detail: str) -> None:
         """Write the problem straight to the socket and close: there is no request for h11 to answer."""
-        body = json.dumps(
-            {
-                "type": f"urn:cervigate:problem:{code}",
-                "title": TITLES[code],
-                "status": status,
-                "detail": detail,
-                "code": code,
-                "request_id": str(uuid.uuid4()),
-            }
-        ).encode()
+        body = problem_bytes(status, code, detail)
         head = (
             f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: {PROBLEM_MEDIA_TYPE}\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
@@ -111,6 +104,45 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.write_eof()
         self._lingering = 0
         self.loop.call_later(LINGER_S, self.transport.close)
+
+
+def problem_bytes(status: int, code: str, detail: str) -> bytes:
+    """A problem+json body for answers given before (or instead of) the app's own handlers."""
+    problem = {
+        "type": f"urn:cervigate:problem:{code}",
+        "title": TITLES[code],
+        "status": status,
+        "detail": detail,
+        "code": code,
+        "request_id": str(uuid.uuid4()),
+    }
+    return json.dumps(problem).encode()
+
+
+class RefuseAmbiguousFraming:
+    """ASGI middleware: a request with both Content-Length and Transfer-Encoding gets 400 and the connection
+    closes (RFC 9112 section 6.1 lets a server reject it, and requires the close either way). h11 frames such
+    a body by Transfer-Encoding; a proxy in front that framed it by Content-Length would read the rest as a
+    second request (request smuggling)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        names = {name for name, _ in scope.get("headers", [])} if scope["type"] == "http" else set()
+        if b"content-length" not in names or b"transfer-encoding" not in names:
+            await self.app(scope, receive, send)
+            return
+        body = problem_bytes(
+            400, "malformed_request", "send either Content-Length or Transfer-Encoding, not both"
+        )
+        headers = [
+            (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": 400, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 def guarded_h11(header_timeout_s: float, max_header_bytes: int) -> type[GuardedH11Protocol]:
