@@ -161,3 +161,12 @@ def test_a_request_framed_two_ways_is_refused_and_the_connection_closed(server: 
         status, headers, body = _answer(sock)  # one answer, then the close: the smuggled GET is never served
     assert status == 400 and headers["connection"] == "close"
     assert json.loads(body)["code"] == "malformed_request"
+
+
+def test_a_partial_request_pipelined_behind_a_whole_one_gets_the_header_deadline(server: Server) -> None:
+    with _connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /readyz HTTP/1.1\r\nHo")
+        data = b""
+        while chunk := sock.recv(65536):  # the first answer, then the second request's 408 and the close
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in data and b'"header_timeout"' in data

@@ -57,6 +57,13 @@ class GuardedH11Protocol(H11Protocol):
         else:
             self._arm_header_timer()  # part of a request line or of its headers: the clock runs
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # A pipelined request that came in with the last one may be only partly here: its clock runs now.
+        waiting = self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]
+        if waiting and not self.transport.is_closing():
+            self._arm_header_timer()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
         super().connection_lost(exc)
