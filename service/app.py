@@ -21,7 +21,7 @@ from service.api import access
 from service.api.deps import Keys, require_api_key
 from service.api.draining import DrainRefusedBodies
 from service.api.handling import AssessmentService
-from service.api.http_protocol import RefuseAmbiguousFraming
+from service.api.http_protocol import RequestHeadGuard
 from service.api.idempotency import HEADER as IDEMPOTENCY_HEADER
 from service.api.idempotency import REPLAYED_HEADER
 from service.api.routes import api, router
@@ -121,7 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After", "Content-Language", IDEMPOTENCY_HEADER,
                             REPLAYED_HEADER],
         )  # fmt: skip
-    app.add_middleware(RefuseAmbiguousFraming)
+    app.add_middleware(RequestHeadGuard, max_header_bytes=settings.max_header_bytes)
     app.add_middleware(
         DrainRefusedBodies,
         max_bytes=settings.refused_body_drain_bytes,

@@ -10,7 +10,8 @@ measured back to back) with:
   connection opening) get 408, and the connection closes;
 - every answer of its own, those two and h11's 400s for malformed requests, as problem+json with a
   stable code, instead of uvicorn's plain text;
-- and (as ASGI middleware, `RefuseAmbiguousFraming`) a 400 for a request framed two ways at once.
+- and, as ASGI middleware (`RequestHeadGuard`), the header bound for headers that came in one read, and a
+  400 for a request framed two ways at once.
 """
 
 from __future__ import annotations
@@ -126,30 +127,45 @@ def problem_bytes(status: int, code: str, detail: str) -> bytes:
     return json.dumps(problem).encode()
 
 
-class RefuseAmbiguousFraming:
-    """ASGI middleware: a request with both Content-Length and Transfer-Encoding gets 400 and the connection
-    closes (RFC 9112 section 6.1 lets a server reject it, and requires the close either way). h11 frames such
-    a body by Transfer-Encoding; a proxy in front that framed it by Content-Length would read the rest as a
-    second request (request smuggling)."""
+class RequestHeadGuard:
+    """ASGI middleware for what h11 lets through, answered before the app sees the request:
+    - request headers (with the request target) over `max_header_bytes` get 431. h11 bounds only headers
+      still incomplete, so a large header that arrives in one read would pass it;
+    - a request with both Content-Length and Transfer-Encoding gets 400 and the connection closes
+      (RFC 9112 section 6.1 lets a server reject it, and requires the close either way). h11 frames such a
+      body by Transfer-Encoding; a proxy in front that framed it by Content-Length would read the rest as a
+      second request (request smuggling)."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, max_header_bytes: int) -> None:
+        self.app, self.max_header_bytes = app, max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        names = {name for name, _ in scope.get("headers", [])} if scope["type"] == "http" else set()
-        if b"content-length" not in names or b"transfer-encoding" not in names:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        body = problem_bytes(
-            400, "malformed_request", "send either Content-Length or Transfer-Encoding, not both"
-        )
-        headers = [
-            (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
-        await send({"type": "http.response.start", "status": 400, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        headers = scope.get("headers", [])
+        size = len(scope.get("raw_path", b"")) + len(scope.get("query_string", b""))
+        size += sum(len(name) + len(value) + 4 for name, value in headers)  # ": " and CRLF
+        names = {name for name, _ in headers}
+        if size > self.max_header_bytes:
+            detail = f"the request headers are over {self.max_header_bytes} bytes"
+            await _refuse(send, 431, "headers_too_large", detail)
+        elif b"content-length" in names and b"transfer-encoding" in names:
+            detail = "send either Content-Length or Transfer-Encoding, not both"
+            await _refuse(send, 400, "malformed_request", detail)
+        else:
+            await self.app(scope, receive, send)
+
+
+async def _refuse(send: Send, status: int, code: str, detail: str) -> None:
+    body = problem_bytes(status, code, detail)
+    headers = [
+        (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def guarded_h11(header_timeout_s: float, max_header_bytes: int) -> type[GuardedH11Protocol]:
