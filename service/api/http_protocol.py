@@ -17,7 +17,6 @@ measured back to back) with:
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from http import HTTPStatus
 from typing import Any
@@ -26,7 +25,7 @@ import h11
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from service.render.problems import PROBLEM_MEDIA_TYPE, TITLES
+from service.render.problems import PROBLEM_MEDIA_TYPE, problem
 
 LINGER_S, LINGER_BYTES = 2.0, 1024 * 1024
 
@@ -116,15 +115,8 @@ class GuardedH11Protocol(H11Protocol):
 
 def problem_bytes(status: int, code: str, detail: str) -> bytes:
     """A problem+json body for answers given before (or instead of) the app's own handlers."""
-    problem = {
-        "type": f"urn:cervigate:problem:{code}",
-        "title": TITLES[code],
-        "status": status,
-        "detail": detail,
-        "code": code,
-        "request_id": str(uuid.uuid4()),
-    }
-    return json.dumps(problem).encode()
+    body = problem(status, code, detail, request_id=str(uuid.uuid4()))
+    return body.model_dump_json(exclude_none=True).encode()
 
 
 class RequestHeadGuard:

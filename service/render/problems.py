@@ -66,19 +66,26 @@ class ProblemError(Exception):
         self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
 
 
-def problem_response(
-    request: Request, status: int, code: str, detail: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    request_id = getattr(request.state, "request_id", None)
-    body = Problem(
+def problem(
+    status: int, code: str, detail: str, *, instance: str | None = None, request_id: str | None = None
+) -> Problem:
+    """The RFC 9457 body for `code`; the app's handlers and the connection layer both answer with it."""
+    return Problem(
         type=f"urn:cervigate:problem:{code}",
         title=TITLES.get(code, "Error"),
         status=status,
         detail=detail,
         code=code,
-        instance=request.url.path,
+        instance=instance,
         request_id=request_id,
     )
+
+
+def problem_response(
+    request: Request, status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", None)
+    body = problem(status, code, detail, instance=request.url.path, request_id=request_id)
     request.state.log_fields = {"problem": code}
     return JSONResponse(
         body.model_dump(exclude_none=True), status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE
