@@ -363,3 +363,24 @@ def test_memory_returns_to_baseline_after_the_corpus() -> None:
     finally:
         server.stop()
     assert (after - baseline) / baseline < 0.05, (baseline, after)
+
+
+def test_a_multipart_preamble_is_ignored_as_rfc_2046_says(client: TestClient) -> None:
+    photo = make.encode(np.random.default_rng(2).integers(0, 255, (240, 320, 3), dtype=np.uint8))
+    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n\r\n' + photo
+    for preamble in (b"", b"\r\n", b"This is a multi-part message in MIME format.\r\n"):
+        response = client.post(
+            "/v1/quality",
+            content=preamble + part + b"\r\n--b--\r\n",
+            headers={"content-type": "multipart/form-data; boundary=b"},
+        )
+        assert response.status_code == 200, (preamble, response.text)
+
+
+def test_a_multipart_body_without_its_boundary_is_told_to_check_it(client: TestClient) -> None:
+    body = b'--other\r\nContent-Disposition: form-data; name="image"\r\n\r\n' + bytes(10_000)
+    response = client.post(
+        "/v1/assess", content=body, headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert response.status_code == 400 and response.json()["code"] == "malformed_multipart"
+    assert "no multipart boundary in the first 4096 bytes" in response.json()["detail"]

@@ -31,6 +31,7 @@ STAGE_HINTS: tuple[str, ...] = get_args(StageName)
 AUTO_STAGE = "auto"
 MAX_PARTS = 16  # a photo upload has one or two parts; thousands of tiny ones are an attack on the parser
 MAX_FIELD_BYTES = 4096  # a non-file field (the stages list) is a short string
+MAX_PREAMBLE_BYTES = 4096  # text before the first boundary (RFC 2046 lets a client send some: it is ignored)
 _RAW_TYPES = ("application/octet-stream", DICOM_MEDIA_TYPE)
 # The parser logs client-supplied header text at warning level; the service logs its own, sanitised, line.
 logging.getLogger("python_multipart").setLevel(logging.ERROR)
@@ -220,6 +221,9 @@ class _StreamingForm:
         self._sink: Callable[[bytes], None] | None = None
         self._field_name = ""
         self._field: list[bytes] | None = None
+        # Until the first boundary: python-multipart refuses a preamble, so it is found and dropped here.
+        self._first_boundary: bytes | None = b"--" + boundary
+        self._preamble = b""
         callbacks = {
             "on_part_begin": self._part_begin,
             "on_header_field": lambda data, start, end: self._header_name.append(data[start:end]),
@@ -236,11 +240,36 @@ class _StreamingForm:
             raise ProblemError(400, "malformed_multipart", "the multipart boundary is not valid") from error
 
     def feed(self, chunk: bytes) -> None:
+        if self._first_boundary is not None:
+            chunk = self._without_preamble(chunk)
+            if not chunk:
+                return
         try:
             self._parser.write(chunk)
         except (MultipartParseError, ValueError) as error:
             # The parser's message can quote client headers (file names): keep it out of the response.
             raise ProblemError(400, "malformed_multipart", "the multipart body cannot be parsed") from error
+
+    def _without_preamble(self, chunk: bytes) -> bytes:
+        """`chunk` from the first boundary on, or b"" while the preamble before it goes on."""
+        assert self._first_boundary is not None
+        seen = self._preamble + chunk
+        if seen.startswith(self._first_boundary):
+            start = 0
+        elif (found := seen.find(b"\r\n" + self._first_boundary)) >= 0:
+            start = found + 2
+        elif len(seen) > MAX_PREAMBLE_BYTES + len(self._first_boundary) + 2:
+            raise ProblemError(
+                400,
+                "malformed_multipart",
+                f"no multipart boundary in the first {MAX_PREAMBLE_BYTES} bytes of the body; check that the "
+                "boundary in Content-Type is the one the body uses",
+            )
+        else:
+            self._preamble = seen
+            return b""
+        self._first_boundary, self._preamble = None, b""
+        return seen[start:]
 
     def finish(self) -> _Form:
         if not self._ended:
