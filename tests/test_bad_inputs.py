@@ -72,6 +72,12 @@ def _segment_flood(count: int = 200_000) -> bytes:
     return photo[:first_scan] + b"\xff\xfe\x00\x02" * count + photo[first_scan:]
 
 
+def _behind_a_stray_byte(photo: bytes, before: bytes) -> bytes:
+    """One junk byte where a marker belongs: libjpeg skips it (with a warning) and decodes the rest."""
+    at = photo.find(before)
+    return photo[:at] + b"\x00" + photo[at:]
+
+
 def _avif() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (160, 120), (120, 60, 60)).save(buffer, "AVIF")
@@ -80,12 +86,24 @@ def _avif() -> bytes:
 
 def _dicom_jpeg_2000_larger_than_declared() -> bytes:
     """A JPEG 2000 codestream of 2000x2000 pixels in a DICOM header that says 160x120."""
-    big = dcm.jpeg_2000(np.zeros((2000, 2000, 3), np.uint8))
-    small = dcm.jpeg_2000(PIXELS)
-    ds_big, ds_small = (pydicom.dcmread(io.BytesIO(b)) for b in (big, small))
-    ds_small.PixelData = ds_big.PixelData
+    return _pixel_data_of(dcm.jpeg_2000(np.zeros((2000, 2000, 3), np.uint8)), dcm.jpeg_2000(PIXELS))
+
+
+def _pixel_data_of(source: bytes, header: bytes) -> bytes:
+    """`header`'s DICOM file (its Rows, Columns, syntax) carrying `source`'s pixel data."""
+    ds_source, ds_header = (pydicom.dcmread(io.BytesIO(b)) for b in (source, header))
+    ds_header.PixelData = ds_source.PixelData
     buffer = io.BytesIO()
-    ds_small.save_as(buffer, enforce_file_format=True)
+    ds_header.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _deflated_dicom() -> bytes:
+    """A native photo in Deflated Explicit VR Little Endian (pydicom deflates it as it writes)."""
+    ds = pydicom.dcmread(io.BytesIO(dcm.native(PIXELS)))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
 
 
@@ -165,7 +183,46 @@ CORPUS: list[tuple[str, bytes, str, int, str]] = [
     ("dicom: 40x40", dcm.native(PIXELS[:40, :40]), dcm.DICOM, 422, "image_too_small"),
     ("jpeg scan bomb", _scan_bomb(), "image/jpeg", 422, "too_many_scans"),
     ("jpeg segment flood", _segment_flood(), "image/jpeg", 422, "undecodable_image"),
+    (
+        "jpeg scan bomb behind a stray byte",
+        _behind_a_stray_byte(_scan_bomb(), b"\xff\xda"),
+        "image/jpeg",
+        422,
+        "too_many_scans",
+    ),
+    (
+        "jpeg segment flood behind a stray byte",
+        _behind_a_stray_byte(_segment_flood(), b"\xff\xfe"),
+        "image/jpeg",
+        422,
+        "undecodable_image",
+    ),
     ("avif", _avif(), "image/avif", 415, "unsupported_image_type"),
+    ("dicom: deflated", _deflated_dicom(), dcm.DICOM, 415, "unsupported_transfer_syntax"),
+    (
+        "dicom: JPEG-LS larger than its header",
+        _pixel_data_of(
+            dcm.compressed(np.zeros((1200, 1600, 3), np.uint8), dcm.JPEG_LS_LOSSLESS),
+            dcm.compressed(PIXELS, dcm.JPEG_LS_LOSSLESS),
+        ),
+        dcm.DICOM,
+        422,
+        "undecodable_image",
+    ),
+    (
+        "dicom: JPEG baseline larger than its header",
+        dcm.jpeg(make.encode(np.zeros((1200, 1600, 3), np.uint8)), (160, 120)),
+        dcm.DICOM,
+        422,
+        "undecodable_image",
+    ),
+    (
+        "dicom: a PNG as JPEG baseline pixel data",
+        dcm.jpeg(make.encode(PIXELS, "PNG"), (160, 120)),
+        dcm.DICOM,
+        422,
+        "undecodable_image",
+    ),
     (
         "dicom: JPEG 2000 larger than its header",
         _dicom_jpeg_2000_larger_than_declared(),
@@ -384,3 +441,13 @@ def test_a_multipart_body_without_its_boundary_is_told_to_check_it(client: TestC
     )
     assert response.status_code == 400 and response.json()["code"] == "malformed_multipart"
     assert "no multipart boundary in the first 4096 bytes" in response.json()["detail"]
+
+
+def test_a_dicom_jpeg_frame_is_measured_against_its_header_before_it_is_decoded(client: TestClient) -> None:
+    """The frame's own header is read first: a JPEG-LS frame of 1600x1200 in a 160x120 header is refused
+    by size, not after decoding it (a 12000x12000 one took 1.2 GB)."""
+    frame = dcm.compressed(np.zeros((1200, 1600, 3), np.uint8), dcm.JPEG_LS_LOSSLESS)
+    body = _pixel_data_of(frame, dcm.compressed(PIXELS, dcm.JPEG_LS_LOSSLESS))
+    response = client.post("/v1/assess", content=body, headers={"content-type": dcm.DICOM})
+    assert response.status_code == 422
+    assert "1600x1200 pixels but the DICOM header says 160x120" in response.json()["detail"]

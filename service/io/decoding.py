@@ -18,6 +18,7 @@ import logging
 import math
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,6 +95,11 @@ MAX_JPEG_SEGMENTS = 2000  # markers of all kinds; a photo has a few dozen (EXIF,
 # Inside entropy-coded data 0xFF is followed by 0x00 (stuffing) or a restart marker; any other byte after
 # it starts the next marker segment (fill bytes 0xFF may come before it).
 _NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+# Between segments, as libjpeg reads it (next_marker): stray bytes are skipped to the next 0xFF, fill bytes
+# 0xFF are skipped, and 0xFF 0x00 is more junk. Whatever a decoder skips, the walk must skip too, or one
+# stray byte would end the walk and let every scan after it through.
+_MARKER = re.compile(rb"\xff+([^\x00\xff])")
+_FRAME_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7})  # SOFn and JPEG-LS SOF55
 _STANDALONE_MARKERS = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})
 _JPEG_START = b"\xff\xd8"
 
@@ -202,15 +208,38 @@ def check_jpeg_scans(data: bytes) -> None:
 
     Walks the marker segments by their lengths, so bytes inside an APPn segment (an EXIF thumbnail is a
     JPEG of its own, an ICC profile is anything) are never taken for markers; only the entropy-coded data
-    after each scan header is searched for the next marker. A malformed layout ends the walk: the decoder
-    then judges the file. The walk itself is bounded (MAX_JPEG_SEGMENTS): a flood of tiny segments would
-    otherwise cost a Python loop per segment."""
-    position, scans, segments, end = 2, 0, 0, len(data)
-    while position + 4 <= end and data[position] == 0xFF:
-        marker = data[position + 1]
-        if marker == 0xFF:  # a fill byte before the marker
-            position += 1
-            continue
+    after each scan header is searched for the next marker. Between segments it skips what libjpeg skips
+    (stray bytes, fill bytes). The walk itself is bounded (MAX_JPEG_SEGMENTS): a flood of tiny segments
+    would otherwise cost a Python loop per segment."""
+    scans = 0
+    for marker, _ in _jpeg_segments(data):
+        if marker == 0xDA:
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise TooManyScans(
+                    f"the JPEG has more than {MAX_JPEG_SCANS} scans (a camera writes about 10); "
+                    "save the photo again as a standard JPEG"
+                )
+
+
+def jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the frame header of a JPEG (or JPEG-LS), read before decoding; None if none."""
+    for marker, payload in _jpeg_segments(data):
+        if marker in _FRAME_MARKERS and len(payload) >= 5:
+            return int.from_bytes(payload[3:5], "big"), int.from_bytes(payload[1:3], "big")
+    return None
+
+
+def _jpeg_segments(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(marker, the first bytes of its payload) for each marker segment of a JPEG's first image, up to its
+    end of image; the entropy-coded data after each scan header is skipped. A layout that ends early ends
+    the walk: the decoder then judges the file."""
+    position, segments, end = 2, 0, len(data)
+    while position + 4 <= end:
+        found = _MARKER.search(data, position)
+        if found is None:
+            return
+        marker, position = found.group(1)[0], found.end()
         if marker == 0xD9:  # end of image: an MPO's other frames follow, but Pillow decodes the first
             return
         segments += 1
@@ -220,20 +249,16 @@ def check_jpeg_scans(data: bytes) -> None:
                 "save the photo again as a standard JPEG"
             )
         if marker in _STANDALONE_MARKERS:
-            position += 2
+            yield marker, b""
             continue
-        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        length = int.from_bytes(data[position : position + 2], "big")
+        yield marker, data[position + 2 : position + min(length, 16)]
+        position += max(length, 2)
         if marker == 0xDA:
-            scans += 1
-            if scans > MAX_JPEG_SCANS:
-                raise TooManyScans(
-                    f"the JPEG has more than {MAX_JPEG_SCANS} scans (a camera writes about 10); "
-                    "save the photo again as a standard JPEG"
-                )
-            found = _NEXT_MARKER.search(data, position)
-            if found is None:
+            scan_data = _NEXT_MARKER.search(data, position)
+            if scan_data is None:
                 return
-            position = found.start()
+            position = scan_data.start()
 
 
 def _formats() -> list[str]:

@@ -34,8 +34,10 @@ from service.io.decoding import (
     DecodedImage,
     DecodeLimits,
     UploadRejected,
+    check_jpeg_scans,
     check_size,
     decode_upload,
+    jpeg_frame_size,
 )
 
 DICOM_MEDIA_TYPE = "application/dicom"
@@ -53,15 +55,21 @@ COLOUR_INTERPRETATIONS = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422"})
 _JPEG_2000 = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
 _JPEG_2000_INTERPRETATIONS = frozenset({"YBR_RCT", "YBR_ICT"})
 _JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+_JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
+_JPEG_LS = frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
+# Deflated Explicit VR Little Endian: pydicom inflates the whole data set in one go as it reads it, so 2 MB
+# of upload became 4 GB of memory before any check. Photo devices do not write it: it is refused from the
+# file meta, before the data set is read.
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_FILE_META_START = _MAGIC_OFFSET + 4
+_LONG_LENGTH_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
 # Transfer syntaxes offered to a decoder; any other is refused by name (415).
 _CANDIDATE_SYNTAXES = (
     "1.2.840.10008.1.2",  # implicit VR little endian
     "1.2.840.10008.1.2.1",  # explicit VR little endian
-    "1.2.840.10008.1.2.1.99",  # deflated explicit VR little endian
     _JPEG_BASELINE,
-    "1.2.840.10008.1.2.4.51",  # JPEG extended (8-bit data only, checked below)
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    _JPEG_EXTENDED,  # 8-bit data only, checked below
+    *sorted(_JPEG_LS),  # lossless, near-lossless
     "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.5",  # RLE lossless
@@ -124,10 +132,13 @@ def decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
     dataset = _read(data)
     with _malformed_is_invalid():
         syntax = _check(dataset, data, limits)
-    if syntax == _JPEG_BASELINE:
-        image = decode_upload(_only_frame(dataset), limits)
-        image.media_type = DICOM_MEDIA_TYPE
-        return image
+    if syntax in _JPEG_LS or syntax in (_JPEG_BASELINE, _JPEG_EXTENDED):
+        frame = _only_frame(dataset)
+        _check_jpeg_frame(frame, dataset, scans_checked=syntax not in _JPEG_LS)
+        if syntax == _JPEG_BASELINE:
+            image = decode_upload(frame, limits)
+            image.media_type = DICOM_MEDIA_TYPE
+            return image
     if syntax in _JPEG_2000:
         _check_codestream_size(_only_frame(dataset), dataset)
     rgb = _decode_pixels(dataset)
@@ -193,12 +204,40 @@ def require_dicom(data: bytes) -> None:
 
 def _read(data: bytes, *, stop_before_pixels: bool = False) -> Dataset:
     require_dicom(data)
+    if _file_meta_syntax(data) == _DEFLATED:
+        raise UnsupportedTransferSyntax(
+            f"deflated DICOM data sets are not accepted; export with one of: {_decodable_syntaxes()}"
+        )
     try:
         return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
     except (EOFError, InvalidDicomError) as error:
         raise TruncatedDicom(_truncated_detail()) from error
     except Exception as error:  # any parser failure on untrusted bytes is the client's file, not a 500
         raise _invalid(error) from error
+
+
+def _file_meta_syntax(data: bytes) -> str | None:
+    """The TransferSyntaxUID of the file meta group (explicit VR little endian by the standard), read from
+    the bytes without pydicom; None when the group does not hold one where it should."""
+    position, end = _FILE_META_START, min(len(data), _FILE_META_START + 65536)
+    while position + 8 <= end:
+        group, element = (int.from_bytes(data[position + i : position + i + 2], "little") for i in (0, 2))
+        if group != 0x0002:
+            return None
+        vr = data[position + 4 : position + 6]
+        if vr in _LONG_LENGTH_VRS:
+            length, header = int.from_bytes(data[position + 8 : position + 12], "little"), 12
+        else:
+            length, header = int.from_bytes(data[position + 6 : position + 8], "little"), 8
+        if element == 0x0010:
+            value = data[position + header : position + header + min(length, 64)]
+            return value.rstrip(b"\x00 ").decode("ascii", "replace")
+        position += header + length
+    return None
+
+
+def _decodable_syntaxes() -> str:
+    return ", ".join(UID(uid).name for uid in _CANDIDATE_SYNTAXES if get_decoder(uid).is_available)
 
 
 @contextmanager
@@ -281,7 +320,7 @@ def _check(dataset: Dataset, data: bytes, limits: DecodeLimits) -> str:
 def _check_syntax(dataset: Dataset, native_size: int) -> str:
     syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "") or ""))
     if syntax not in _CANDIDATE_SYNTAXES or not get_decoder(syntax).is_available:
-        decodable = ", ".join(UID(uid).name for uid in _CANDIDATE_SYNTAXES if get_decoder(uid).is_available)
+        decodable = _decodable_syntaxes()
         raise UnsupportedTransferSyntax(
             f"DICOM pixel data in {syntax.name[:120] or '(no transfer syntax)'} cannot be decoded here; "
             f"export with one of: {decodable}"
@@ -318,6 +357,26 @@ def _check_codestream_size(frame: bytes, dataset: Dataset) -> None:
             f"the JPEG 2000 pixel data is {size[0]}x{size[1]} pixels but the DICOM header says "
             f"{declared[0]}x{declared[1]}; export the photo again"
         )
+
+
+def _check_jpeg_frame(frame: bytes, dataset: Dataset, *, scans_checked: bool) -> None:
+    """A JPEG (or JPEG-LS) frame must be one, of the header's Rows x Columns, checked before decoding: the
+    pixel count was checked on the header's figures, and a 2.5 KB JPEG-LS frame of 12000x12000 inside a
+    320x240 header decoded to 1.2 GB. Baseline and extended JPEG frames get the JPEG path's scan limit
+    (JPEG-LS stuffs its scan data differently, and has no progressive scans to repeat)."""
+    size = jpeg_frame_size(frame) if frame[:2] == b"\xff\xd8" else None
+    if size is None:
+        raise UploadRejected(
+            "the DICOM pixel data is not the JPEG its transfer syntax says; export the photo again"
+        )
+    declared = (_integer(dataset, "Columns"), _integer(dataset, "Rows"))
+    if size != declared:
+        raise UploadRejected(
+            f"the JPEG pixel data is {size[0]}x{size[1]} pixels but the DICOM header says "
+            f"{declared[0]}x{declared[1]}; export the photo again"
+        )
+    if scans_checked:
+        check_jpeg_scans(frame)
 
 
 def _decode_pixels(dataset: Dataset) -> np.ndarray:
