@@ -451,3 +451,20 @@ def test_a_dicom_jpeg_frame_is_measured_against_its_header_before_it_is_decoded(
     response = client.post("/v1/assess", content=body, headers={"content-type": dcm.DICOM})
     assert response.status_code == 422
     assert "1600x1200 pixels but the DICOM header says 160x120" in response.json()["detail"]
+
+
+def test_dicom_header_values_are_never_quoted_back(client: TestClient) -> None:
+    """A header field can hold a patient's name: only registered UIDs and defined terms are named."""
+    values = {
+        "SOPClassUID": "1.2.3." + "4" * 20,  # a well-formed UID nobody registered
+        "Modality": "PATIENT-NAME-MARKER",
+        "PhotometricInterpretation": "PATIENT-NAME-MARKER",
+    }
+    for keyword, value in values.items():
+        ds = pydicom.dcmread(io.BytesIO(dcm.native(PIXELS)))
+        setattr(ds, keyword, value)
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        response = client.post("/v1/assess", content=buffer.getvalue(), headers={"content-type": dcm.DICOM})
+        assert 400 <= response.status_code < 500, (keyword, response.text)
+        assert "MARKER" not in response.text and "44444" not in response.text, (keyword, response.text)

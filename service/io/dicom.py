@@ -8,7 +8,8 @@ has, so a photo gets the same pixels (and decision) whichever of the two wrapper
 encodings are decoded by pydicom's handlers (native, RLE; JPEG-LS by pyjpegls; JPEG 2000 by Pillow).
 
 Patient identifiers are read only by `read_context`, which the FHIR output alone calls; nothing here
-logs or puts a header value in an error message except the class, modality and transfer syntax.
+logs a header value, and an error message names only registered UIDs (class, transfer syntax) and DICOM's
+defined terms (modality, photometric interpretation), never what a field holds otherwise.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pydicom import config as dicom_config
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
@@ -62,6 +64,16 @@ _JPEG_LS = frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
 # file meta, before the data set is read.
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 _FILE_META_START = _MAGIC_OFFSET + 4
+# Header values named back to the client only when DICOM defines them: a field can carry anything.
+_KNOWN_MODALITIES = frozenset({
+    "AR", "AU", "BI", "BMD", "CR", "CT", "DG", "DOC", "DX", "ECG", "EPS", "GM", "HD", "IO", "IVOCT", "IVUS",
+    "KO", "LS", "MG", "MR", "NM", "OAM", "OCT", "OP", "OPM", "OPT", "OPV", "OSS", "PR", "PT", "PX", "REG",
+    "RF", "RTDOSE", "RTIMAGE", "RTPLAN", "RTSTRUCT", "SEG", "SM", "SR", "TG", "US", "VA", "XA",
+})  # fmt: skip
+_DEFINED_INTERPRETATIONS = frozenset({
+    "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "YBR_FULL", "YBR_FULL_422",
+    "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB",
+})  # fmt: skip
 _LONG_LENGTH_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
 # Transfer syntaxes offered to a decoder; any other is refused by name (415).
 _CANDIDATE_SYNTAXES = (
@@ -75,8 +87,9 @@ _CANDIDATE_SYNTAXES = (
     "1.2.840.10008.1.2.5",  # RLE lossless
 )
 
-# Header values never reach a log line: pydicom's debug log and its value-validation warnings quote them.
-logging.getLogger("pydicom").setLevel(logging.ERROR)
+# Header values never reach a log line: pydicom's debug log and its value-validation warnings quote them,
+# and its pixel decoders log a traceback at ERROR for a corrupt frame (which the client gets as a 422).
+logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 dicom_config.settings.reading_validation_mode = dicom_config.IGNORE
 warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
@@ -174,7 +187,11 @@ def read_context(data: bytes) -> DicomContext:
     def text(keyword: str) -> str | None:
         with _malformed_is_invalid():
             value = dataset.get(keyword)
-            return str(value).strip() or None if value is not None else None
+            if value is None:
+                return None
+            # A value of several (PatientID is one-valued, but files break that) as DICOM writes it.
+            joined = "\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value)
+            return "".join(c for c in joined if c.isprintable()).strip() or None
 
     return DicomContext(
         patient_id=text("PatientID"),
@@ -236,6 +253,15 @@ def _file_meta_syntax(data: bytes) -> str | None:
     return None
 
 
+def _uid_name(uid: str) -> str:
+    """A UID's registered name; never the value itself when it has none (a header field can carry anything,
+    a patient's name included, and error details reach the client and the logs)."""
+    if not uid:
+        return "(none)"
+    name = UID(uid).name
+    return name if name != uid else "(an unregistered UID)"
+
+
 def _decodable_syntaxes() -> str:
     return ", ".join(UID(uid).name for uid in _CANDIDATE_SYNTAXES if get_decoder(uid).is_available)
 
@@ -272,14 +298,14 @@ def _check(dataset: Dataset, data: bytes, limits: DecodeLimits) -> str:
     modality = str(dataset.get("Modality", "") or "").strip().upper()
     sop_class = str(dataset.get("SOPClassUID", "") or "")
     if modality and modality not in PHOTO_MODALITIES:
+        shown = modality if modality in _KNOWN_MODALITIES else "not a defined term"
         raise WrongModality(
-            f"the DICOM modality is {modality[:16]}, not a photograph; send a VL Photographic Image (XC) "
+            f"the DICOM modality ({shown}) is not a photograph; send a VL Photographic Image (XC) "
             "or Secondary Capture of the cervix"
         )
     if sop_class not in ACCEPTED_CLASSES:
-        name = UID(sop_class).name if sop_class else "(none)"
         raise UnsupportedDicomClass(
-            f"DICOM objects of class {name[:120]} are not accepted; send a "
+            f"DICOM objects of class {_uid_name(sop_class)} are not accepted; send a "
             f"{' or '.join(ACCEPTED_CLASSES.values())}"
         )
     frames = _integer(dataset, "NumberOfFrames", default=1)
@@ -310,8 +336,11 @@ def _check(dataset: Dataset, data: bytes, limits: DecodeLimits) -> str:
     if str(dataset.file_meta.get("TransferSyntaxUID", "")) in _JPEG_2000:
         accepted = accepted | _JPEG_2000_INTERPRETATIONS
     if interpretation not in accepted or samples != 3 or bits != 8:
+        shown = (
+            interpretation if interpretation in _DEFINED_INTERPRETATIONS else "an undefined interpretation"
+        )
         raise UnsupportedPixelFormat(
-            f"the DICOM pixels are {interpretation[:16]}, {samples} samples of {bits} bits; send 8-bit "
+            f"the DICOM pixels are {shown}, {samples} samples of {bits} bits; send 8-bit "
             f"colour ({', '.join(sorted(COLOUR_INTERPRETATIONS))}, 3 samples per pixel)"
         )
     return _check_syntax(dataset, width * height * 3)
@@ -322,8 +351,7 @@ def _check_syntax(dataset: Dataset, native_size: int) -> str:
     if syntax not in _CANDIDATE_SYNTAXES or not get_decoder(syntax).is_available:
         decodable = _decodable_syntaxes()
         raise UnsupportedTransferSyntax(
-            f"DICOM pixel data in {syntax.name[:120] or '(no transfer syntax)'} cannot be decoded here; "
-            f"export with one of: {decodable}"
+            f"DICOM pixel data in {_uid_name(syntax)} cannot be decoded here; export with one of: {decodable}"
         )
     if not syntax.is_encapsulated:
         if dataset.PhotometricInterpretation.strip().upper() == "YBR_FULL_422":
