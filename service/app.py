@@ -90,6 +90,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Research software, not a medical device. "
         "Errors are RFC 9457 problem+json with a stable `code`.",
         lifespan=lifespan,
+        # A trailing slash is a 404 problem, not a 307 whose Location is built from the client's Host header
+        # and which makes the client send its photo again.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()

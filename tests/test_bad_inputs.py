@@ -468,3 +468,38 @@ def test_dicom_header_values_are_never_quoted_back(client: TestClient) -> None:
         response = client.post("/v1/assess", content=buffer.getvalue(), headers={"content-type": dcm.DICOM})
         assert 400 <= response.status_code < 500, (keyword, response.text)
         assert "MARKER" not in response.text and "44444" not in response.text, (keyword, response.text)
+
+
+def test_client_header_values_are_quoted_short_and_printable(client: TestClient) -> None:
+    response = client.post(
+        "/v1/assess", content=b"x", headers={"content-type": "text/ECHO-MARKER" + "x" * 20_000}
+    )
+    assert response.status_code == 415 and response.json()["code"] == "unsupported_media_type"
+    assert len(response.json()["detail"]) < 300
+
+
+def test_a_trailing_slash_is_a_problem_not_a_redirect(client: TestClient) -> None:
+    response = client.post(
+        "/v1/assess/", content=b"x", headers={"content-type": "image/jpeg", "host": "evil.example"},
+        follow_redirects=False,
+    )  # fmt: skip
+    assert response.status_code == 404 and response.json()["code"] == "not_found"
+    assert "location" not in response.headers
+
+
+def test_a_repeated_include_is_refused_whichever_value_comes_last(client: TestClient) -> None:
+    photo = make.encode(np.zeros((240, 320, 3), np.uint8))
+    for query in ("include=bogus&include=mask", "include=mask&include=bogus"):
+        response = client.post(f"/v1/assess?{query}", content=photo, headers={"content-type": "image/jpeg"})
+        assert response.status_code == 422 and response.json()["code"] == "invalid_request", query
+
+
+def test_a_multipart_preamble_over_4_kb_is_refused_however_it_arrives(client: TestClient) -> None:
+    photo = make.encode(np.zeros((240, 320, 3), np.uint8))
+    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n\r\n' + photo
+    response = client.post(
+        "/v1/quality",
+        content=b"p" * 5000 + b"\r\n" + part + b"\r\n--b--\r\n",  # one read: the boundary is in it
+        headers={"content-type": "multipart/form-data; boundary=b"},
+    )
+    assert response.status_code == 400 and response.json()["code"] == "malformed_multipart"

@@ -55,6 +55,7 @@ def test_an_unbuilt_app_says_how_to_build_it(tmp_path: Path) -> None:
         response = test_client.get("/capture/")
     assert response.status_code == 404 and response.json()["code"] == "capture_app_not_built"
     assert "make web" in response.json()["detail"]
+    assert str(tmp_path) not in response.json()["detail"]  # a server path tells a client nothing it can use
 
 
 def test_the_capture_app_can_be_switched_off() -> None:

@@ -204,6 +204,16 @@ def test_the_contact_sheet_shows_every_photo(client: TestClient, case_aaan) -> N
             422,
             "invalid_stages",
         ),
+        (
+            {
+                "files": [
+                    ("image", ("a.jpg", b"x", "image/jpeg")),
+                    ("stages", ("s.txt", b"bogus", "text/plain")),  # sent as a file: still the stages
+                ]
+            },
+            422,
+            "invalid_stages",
+        ),
         ({"files": [("image", ("a.jpg", b"x" * 1_600_000, "image/jpeg"))]}, 413, "upload_too_large"),
     ],
     ids=[
@@ -213,6 +223,7 @@ def test_the_contact_sheet_shows_every_photo(client: TestClient, case_aaan) -> N
         "stages-count",
         "stages-word",
         "stages-twice",
+        "stages-as-a-file",
         "over-total",
     ],
 )

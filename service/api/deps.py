@@ -52,7 +52,16 @@ async def get_language(accept_language: Annotated[str | None, Header()] = None) 
     return negotiate_language(accept_language)
 
 
+def _given_once(request: Request, name: str) -> None:
+    """A repeated query parameter is refused: the framework would validate (and use) only its last value."""
+    if len(request.query_params.getlist(name)) > 1:
+        raise ProblemError(
+            422, "invalid_request", f"{name} is given more than once; give it once, comma-separated"
+        )
+
+
 async def get_include(
+    request: Request,
     include: Annotated[
         str | None,
         Query(
@@ -60,10 +69,12 @@ async def get_include(
         ),
     ] = None,
 ) -> set[str]:
+    _given_once(request, "include")
     return set(include.split(",")) if include else set()
 
 
 async def get_exam_include(
+    request: Request,
     include: Annotated[
         str | None,
         Query(
@@ -72,6 +83,7 @@ async def get_exam_include(
         ),
     ] = None,
 ) -> set[str]:
+    _given_once(request, "include")
     return set(include.split(",")) if include else set()
 
 

@@ -198,7 +198,10 @@ def _check(image: Image.Image, limits: DecodeLimits) -> tuple[int, int, str]:
         )
     width, height = image.size
     check_size(width, height, limits)
-    if image.format != "MPO" and getattr(image, "n_frames", 1) > 1:
+    frames = getattr(image, "n_frames", 1)
+    if image.format != "MPO" and frames > 1:
+        if image.format == "HEIF":  # a HEIC's top-level images (a burst, a collection) are not animation
+            raise AnimatedImage(f"the HEIC holds {frames} images; send one photo per upload")
         raise AnimatedImage("animated images are not accepted; send a single photo")
     return width, height, media_type
 

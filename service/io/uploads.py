@@ -127,7 +127,7 @@ def _accepted_type(request: Request, *, multipart_only: bool) -> tuple[bytes, di
         raise ProblemError(
             415,
             "unsupported_media_type",
-            f"Content-Encoding {encoding[:20]} is not accepted: send the photo as it is, unencoded",
+            f"Content-Encoding {_shown(encoding)} is not accepted: send the photo as it is, unencoded",
         )
     media_type, params = parse_options_header(request.headers.get("content-type", ""))
     media = media_type.decode("latin-1").lower()
@@ -137,17 +137,24 @@ def _accepted_type(request: Request, *, multipart_only: bool) -> tuple[bytes, di
         raise ProblemError(
             415,
             "unsupported_media_type",
-            f"content type {media or '(none)'} is not accepted: send multipart/form-data with one "
+            f"content type {_shown(media)} is not accepted: send multipart/form-data with one "
             f"'{IMAGE_FIELD}' part per photo",
         )
     if not media.startswith("image/") and media not in _RAW_TYPES:
         raise ProblemError(
             415,
             "unsupported_media_type",
-            f"content type {media or '(none)'} is not accepted: send multipart/form-data with an "
+            f"content type {_shown(media)} is not accepted: send multipart/form-data with an "
             f"'{IMAGE_FIELD}' field, or the photo itself with an image/* or {DICOM_MEDIA_TYPE} content type",
         )
     return media_type, params
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    """A client's header value as an error detail quotes it: printable, and short (a 20 KB Content-Type
+    came back whole)."""
+    printable = "".join(c for c in value[: limit + 1] if c.isprintable())
+    return "(none)" if not printable else printable if len(printable) <= limit else printable[:limit] + "..."
 
 
 async def _read_in_time(
@@ -256,16 +263,19 @@ class _StreamingForm:
         seen = self._preamble + chunk
         if seen.startswith(self._first_boundary):
             start = 0
-        elif (found := seen.find(b"\r\n" + self._first_boundary)) >= 0:
-            start = found + 2
-        elif len(seen) > MAX_PREAMBLE_BYTES + len(self._first_boundary) + 2:
+        else:
+            found = seen.find(b"\r\n" + self._first_boundary)
+            start = found + 2 if found >= 0 else -1
+        # The same bound however the body was cut into reads (a boundary may straddle two of them).
+        searched = len(seen) - len(self._first_boundary) - 2
+        if start > MAX_PREAMBLE_BYTES + 2 or (start < 0 and searched > MAX_PREAMBLE_BYTES):
             raise ProblemError(
                 400,
                 "malformed_multipart",
                 f"no multipart boundary in the first {MAX_PREAMBLE_BYTES} bytes of the body; check that the "
                 "boundary in Content-Type is the one the body uses",
             )
-        else:
+        if start < 0:
             self._preamble = seen
             return b""
         self._first_boundary, self._preamble = None, b""
@@ -306,7 +316,7 @@ class _StreamingForm:
             photo = Photo(media_type=part_type.decode("latin-1").lower())
             self.form.images.append(photo)
             self._sink = photo.chunks.append
-        elif b"filename" not in options:
+        elif b"filename" not in options or name == STAGES_FIELD:  # stages sent as a file are stages too
             self._field_name, self._field = name, []
             self._sink = self._field_data
 

@@ -7,6 +7,7 @@ its own origin: scripts, styles, API calls and the camera stream from nowhere el
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -15,6 +16,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from service.render.problems import ProblemError
+
+logger = logging.getLogger(__name__)
 
 CAPTURE_PATH = "/capture"
 BUILD_MANIFEST = "build.json"  # written last by web/build.mjs: its presence means the build finished
@@ -59,11 +62,16 @@ def mount_capture_app(app: FastAPI, directory: Path) -> None:
         app.mount(CAPTURE_PATH, CaptureFiles(directory=directory, html=True), name="capture")
         return
 
+    logger.warning(
+        "the capture app is not built in %s: run `make web` to serve it at %s/", directory, CAPTURE_PATH
+    )
+
     @app.get(CAPTURE_PATH + "/{path:path}", include_in_schema=False)
     async def capture_not_built(path: str) -> Response:
         raise ProblemError(
             404,
             "capture_app_not_built",
-            f"the capture app is not built in {directory}: run `make web` (needs Node.js 20+ and npm), "
-            "or use the Docker image, which has it",
+            # No path in the answer: it goes to any client, and says nothing a client can act on.
+            "the capture app is not built on this server; its operator runs `make web` (needs Node.js 20+ "
+            "and npm), or uses the Docker image, which has it",
         )
