@@ -78,6 +78,14 @@ def _behind_a_stray_byte(photo: bytes, before: bytes) -> bytes:
     return photo[:at] + b"\x00" + photo[at:]
 
 
+def _deflated_behind_an_implicit_file_meta() -> bytes:
+    """A file meta written in implicit VR (against the standard, but pydicom reads it) that declares a
+    deflated data set: 10 MB of zeros in 10 KB."""
+    uid = b"1.2.840.10008.1.2.1.99\x00"
+    meta = (2).to_bytes(2, "little") + (0x10).to_bytes(2, "little") + len(uid).to_bytes(4, "little") + uid
+    return bytes(128) + b"DICM" + meta + zlib.compress(bytes(10_000_000))[2:-4]
+
+
 def _avif() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (160, 120), (120, 60, 60)).save(buffer, "AVIF")
@@ -199,6 +207,13 @@ CORPUS: list[tuple[str, bytes, str, int, str]] = [
     ),
     ("avif", _avif(), "image/avif", 415, "unsupported_image_type"),
     ("dicom: deflated", _deflated_dicom(), dcm.DICOM, 415, "unsupported_transfer_syntax"),
+    (
+        "dicom: deflated, behind an implicit-VR file meta",
+        _deflated_behind_an_implicit_file_meta(),
+        dcm.DICOM,
+        415,
+        "unsupported_transfer_syntax",
+    ),
     (
         "dicom: JPEG-LS larger than its header",
         _pixel_data_of(

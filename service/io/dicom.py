@@ -74,7 +74,9 @@ _DEFINED_INTERPRETATIONS = frozenset({
     "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "YBR_FULL", "YBR_FULL_422",
     "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB",
 })  # fmt: skip
-_LONG_LENGTH_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+_LONG_LENGTH_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
 # Transfer syntaxes offered to a decoder; any other is refused by name (415).
 _CANDIDATE_SYNTAXES = (
     "1.2.840.10008.1.2",  # implicit VR little endian
@@ -221,7 +223,7 @@ def require_dicom(data: bytes) -> None:
 
 def _read(data: bytes, *, stop_before_pixels: bool = False) -> Dataset:
     require_dicom(data)
-    if _file_meta_syntax(data) == _DEFLATED:
+    if _declares_deflate(data):
         raise UnsupportedTransferSyntax(
             f"deflated DICOM data sets are not accepted; export with one of: {_decodable_syntaxes()}"
         )
@@ -233,6 +235,16 @@ def _read(data: bytes, *, stop_before_pixels: bool = False) -> Dataset:
         raise _invalid(error) from error
 
 
+def _declares_deflate(data: bytes) -> bool:
+    """Whether the file meta declares a deflated data set. When the meta cannot be walked as the standard
+    writes it (explicit VR), pydicom may still read it another way (implicit VR), so then any mention of the
+    deflate UID near the start counts."""
+    syntax = _file_meta_syntax(data)
+    if syntax is not None:
+        return syntax == _DEFLATED
+    return _DEFLATED.encode() in data[_FILE_META_START : _FILE_META_START + 65536]
+
+
 def _file_meta_syntax(data: bytes) -> str | None:
     """The TransferSyntaxUID of the file meta group (explicit VR little endian by the standard), read from
     the bytes without pydicom; None when the group does not hold one where it should."""
@@ -242,6 +254,8 @@ def _file_meta_syntax(data: bytes) -> str | None:
         if group != 0x0002:
             return None
         vr = data[position + 4 : position + 6]
+        if not (vr.isalpha() and vr.isupper()):  # not explicit VR (pydicom would try implicit)
+            return None
         if vr in _LONG_LENGTH_VRS:
             length, header = int.from_bytes(data[position + 8 : position + 12], "little"), 12
         else:
@@ -310,9 +324,8 @@ def _check(dataset: Dataset, data: bytes, limits: DecodeLimits) -> str:
         )
     frames = _integer(dataset, "NumberOfFrames", default=1)
     if frames != 1:
-        raise MultiFrameDicom(
-            f"the DICOM file holds {frames} frames; send one photo per file (one frame each)"
-        )
+        held = f"holds {frames} frames" if frames > 1 else f"gives NumberOfFrames as {frames}"
+        raise MultiFrameDicom(f"the DICOM file {held}; send one photo per file (one frame each)")
     if "PixelData" not in dataset:
         raise MissingPixelData(
             "the DICOM file has no pixel data; send the image itself, not only its header (or, if the file "
