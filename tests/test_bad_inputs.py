@@ -191,6 +191,8 @@ CORPUS: list[tuple[str, bytes, str, int, str]] = [
     ("dicom: 40x40", dcm.native(PIXELS[:40, :40]), dcm.DICOM, 422, "image_too_small"),
     ("jpeg scan bomb", _scan_bomb(), "image/jpeg", 422, "too_many_scans"),
     ("jpeg segment flood", _segment_flood(), "image/jpeg", 422, "undecodable_image"),
+    # A megabyte of fill bytes: a marker search that backtracked over them would take hours.
+    ("jpeg fill-byte flood", b"\xff\xd8" + b"\xff" * 1_000_000, "image/jpeg", 422, "undecodable_image"),
     (
         "jpeg scan bomb behind a stray byte",
         _behind_a_stray_byte(_scan_bomb(), b"\xff\xda"),

@@ -97,8 +97,9 @@ MAX_JPEG_SEGMENTS = 2000  # markers of all kinds; a photo has a few dozen (EXIF,
 _NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 # Between segments, as libjpeg reads it (next_marker): stray bytes are skipped to the next 0xFF, fill bytes
 # 0xFF are skipped, and 0xFF 0x00 is more junk. Whatever a decoder skips, the walk must skip too, or one
-# stray byte would end the walk and let every scan after it through.
-_MARKER = re.compile(rb"\xff+([^\x00\xff])")
+# stray byte would end the walk and let every scan after it through. (Found with str.find and an anchored
+# match: a searching regex like rb"\xff+(.)" backtracks quadratically over a run of 0xFF bytes.)
+_FILL = re.compile(rb"\xff+")
 _FRAME_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7})  # SOFn and JPEG-LS SOF55
 _STANDALONE_MARKERS = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})
 _JPEG_START = b"\xff\xd8"
@@ -239,18 +240,23 @@ def _jpeg_segments(data: bytes) -> Iterator[tuple[int, bytes]]:
     the walk: the decoder then judges the file."""
     position, segments, end = 2, 0, len(data)
     while position + 4 <= end:
-        found = _MARKER.search(data, position)
-        if found is None:
+        at = data.find(b"\xff", position)
+        if at < 0:
             return
-        marker, position = found.group(1)[0], found.end()
-        if marker == 0xD9:  # end of image: an MPO's other frames follow, but Pillow decodes the first
+        position = _FILL.match(data, at).end()  # type: ignore[union-attr]  # data[at] is 0xFF
+        if position >= end:
             return
-        segments += 1
+        marker, position = data[position], position + 1
+        segments += 1  # junk counts too: each costs this loop a turn
         if segments > MAX_JPEG_SEGMENTS:
             raise UploadRejected(
                 f"the JPEG has more than {MAX_JPEG_SEGMENTS} marker segments (a camera writes a few dozen); "
                 "save the photo again as a standard JPEG"
             )
+        if marker == 0x00:  # 0xFF 0x00 between segments: junk
+            continue
+        if marker == 0xD9:  # end of image: an MPO's other frames follow, but Pillow decodes the first
+            return
         if marker in _STANDALONE_MARKERS:
             yield marker, b""
             continue
