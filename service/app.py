@@ -18,7 +18,7 @@ from fastapi.openapi.utils import get_openapi
 
 from service import sizing
 from service.api import access
-from service.api.deps import Keys, require_api_key
+from service.api.deps import Keys, refuse_repeated_query, require_api_key
 from service.api.draining import DrainRefusedBodies
 from service.api.handling import AssessmentService
 from service.api.http_protocol import RequestHeadGuard
@@ -103,7 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keys = Keys(
         api=access.parse_keys(settings.api_keys), metrics=access.parse_keys(settings.metrics_api_keys)
     )
-    app.include_router(api, dependencies=[Depends(require_api_key)] if app.state.keys.api else [])
+    checks = [Depends(require_api_key)] if app.state.keys.api else []
+    app.include_router(api, dependencies=[*checks, Depends(refuse_repeated_query)])
     app.include_router(router)
     if settings.capture_app:
         mount_capture_app(app, settings.capture_app_dir)

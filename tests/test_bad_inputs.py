@@ -86,6 +86,12 @@ def _deflated_behind_an_implicit_file_meta() -> bytes:
     return bytes(128) + b"DICM" + meta + zlib.compress(bytes(10_000_000))[2:-4]
 
 
+def _padded(photo: bytes, size: int) -> bytes:
+    """Fill bytes before the quantisation tables: libjpeg skips them, Pillow's header parser reads each."""
+    at = photo.find(b"\xff\xdb")
+    return photo[:at] + b"\xff" * size + photo[at:]
+
+
 def _avif() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (160, 120), (120, 60, 60)).save(buffer, "AVIF")
@@ -193,6 +199,7 @@ CORPUS: list[tuple[str, bytes, str, int, str]] = [
     ("jpeg segment flood", _segment_flood(), "image/jpeg", 422, "undecodable_image"),
     # A megabyte of fill bytes: a marker search that backtracked over them would take hours.
     ("jpeg fill-byte flood", b"\xff\xd8" + b"\xff" * 1_000_000, "image/jpeg", 422, "undecodable_image"),
+    ("jpeg padded photo", _padded(_progressive(), 100_000), "image/jpeg", 422, "undecodable_image"),
     (
         "jpeg scan bomb behind a stray byte",
         _behind_a_stray_byte(_scan_bomb(), b"\xff\xda"),
@@ -504,11 +511,16 @@ def test_a_trailing_slash_is_a_problem_not_a_redirect(client: TestClient) -> Non
     assert "location" not in response.headers
 
 
-def test_a_repeated_include_is_refused_whichever_value_comes_last(client: TestClient) -> None:
+def test_a_repeated_query_parameter_is_refused_whichever_value_comes_last(client: TestClient) -> None:
     photo = make.encode(np.zeros((240, 320, 3), np.uint8))
-    for query in ("include=bogus&include=mask", "include=mask&include=bogus"):
-        response = client.post(f"/v1/assess?{query}", content=photo, headers={"content-type": "image/jpeg"})
-        assert response.status_code == 422 and response.json()["code"] == "invalid_request", query
+    for path in (
+        "/v1/assess?include=bogus&include=mask",
+        "/v1/assess?include=mask&include=bogus",
+        "/v1/assess/fhir?subject=Patient/1&subject=Patient/2",  # the report must not go to the second
+        "/v1/quality?stage=saline&stage=saline",
+    ):
+        response = client.post(path, content=photo, headers={"content-type": "image/jpeg"})
+        assert response.status_code == 422 and response.json()["code"] == "invalid_request", path
 
 
 def test_a_multipart_preamble_over_4_kb_is_refused_however_it_arrives(client: TestClient) -> None:

@@ -52,16 +52,18 @@ async def get_language(accept_language: Annotated[str | None, Header()] = None) 
     return negotiate_language(accept_language)
 
 
-def _given_once(request: Request, name: str) -> None:
-    """A repeated query parameter is refused: the framework would validate (and use) only its last value."""
-    if len(request.query_params.getlist(name)) > 1:
-        raise ProblemError(
-            422, "invalid_request", f"{name} is given more than once; give it once, comma-separated"
-        )
+async def refuse_repeated_query(request: Request) -> None:
+    """Every query parameter of the API is single-valued: a repeated one is refused, since the framework
+    would validate (and use) only its last value (`include=bogus&include=mask` passed; a repeated `subject`
+    would have put the report on the second patient)."""
+    for name in dict.fromkeys(request.query_params.keys()):
+        if len(request.query_params.getlist(name)) > 1:
+            raise ProblemError(
+                422, "invalid_request", f"{name[:40]} is given more than once; give it once, comma-separated"
+            )
 
 
 async def get_include(
-    request: Request,
     include: Annotated[
         str | None,
         Query(
@@ -69,12 +71,10 @@ async def get_include(
         ),
     ] = None,
 ) -> set[str]:
-    _given_once(request, "include")
     return set(include.split(",")) if include else set()
 
 
 async def get_exam_include(
-    request: Request,
     include: Annotated[
         str | None,
         Query(
@@ -83,7 +83,6 @@ async def get_exam_include(
         ),
     ] = None,
 ) -> set[str]:
-    _given_once(request, "include")
     return set(include.split(",")) if include else set()
 
 

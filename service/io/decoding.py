@@ -41,6 +41,9 @@ _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
 # Every upload's pixel count is checked against the service's own limit before decoding, so Pillow's
 # warning for large images is noise here (its hard error above twice its limit still applies).
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Pillow's other warnings ("Corrupt EXIF data", "Tag data larger than file") are about the client's file,
+# which gets its own answer; on stderr they would only bypass the JSON log, with library paths.
+warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
 # Pillow's debug log prints EXIF values (a clinic app may put a patient's name there): never let it through.
 logging.getLogger("PIL").setLevel(logging.INFO)
 
@@ -92,6 +95,9 @@ class TooManyScans(UploadRejected):
 # default progression: 10 scans), so 100 leaves room for any real photo.
 MAX_JPEG_SCANS = 100
 MAX_JPEG_SEGMENTS = 2000  # markers of all kinds; a photo has a few dozen (EXIF, ICC, tables, scans)
+# Bytes between segments that are no segment (stray bytes, fill 0xFF): libjpeg skips them with a warning,
+# but Pillow's header parser reads them one by one in Python (19 MB of fill took it 7 s). A file has none.
+MAX_JPEG_PADDING = 65536
 # Inside entropy-coded data 0xFF is followed by 0x00 (stuffing) or a restart marker; any other byte after
 # it starts the next marker segment (fill bytes 0xFF may come before it).
 _NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
@@ -239,12 +245,19 @@ def _jpeg_segments(data: bytes) -> Iterator[tuple[int, bytes]]:
     """(marker, the first bytes of its payload) for each marker segment of a JPEG's first image, up to its
     end of image; the entropy-coded data after each scan header is skipped. A layout that ends early ends
     the walk: the decoder then judges the file."""
-    position, segments, end = 2, 0, len(data)
+    position, segments, padding, end = 2, 0, 0, len(data)
     while position + 4 <= end:
         at = data.find(b"\xff", position)
         if at < 0:
             return
-        position = _FILL.match(data, at).end()  # type: ignore[union-attr]  # data[at] is 0xFF
+        marker_at = _FILL.match(data, at).end()  # type: ignore[union-attr]  # data[at] is 0xFF
+        padding += marker_at - 1 - position  # all but the marker's own 0xFF
+        if padding > MAX_JPEG_PADDING:
+            raise UploadRejected(
+                f"the JPEG has more than {MAX_JPEG_PADDING} bytes of padding between its segments; "
+                "save the photo again as a standard JPEG"
+            )
+        position = marker_at
         if position >= end:
             return
         marker, position = data[position], position + 1
