@@ -2,9 +2,10 @@
 in rounds (the median is reported); then a soak and the deadline-storm scenario, against the service over
 loopback.
 
-An asyncio driver (a lean HTTP/1.1 client), bounded in requests and time; it starts its own servers (`python -m service`) with
-the settings given, and stops them. Writes `--out/loadtest.json`. Every figure is measured; nothing is
-asserted here (tests/test_loadtest.py runs a short variant and checks behaviour, never timing).
+An asyncio driver (a lean HTTP/1.1 client), bounded in requests and time; it starts its own servers
+(`python -m service`) with the settings given, and stops them. Writes `--out/loadtest.json`. Every figure
+is measured; nothing is asserted here (tests/test_loadtest.py runs a short variant and checks behaviour,
+never timing).
 
 Goodput under overload is compared with capacity before it and with the mean of capacity before and after it
 (the machine's speed drifts: on this shared VM the hypervisor's steal time, reported per phase, went from 1 %
