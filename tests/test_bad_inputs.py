@@ -241,6 +241,13 @@ CORPUS: list[tuple[str, bytes, str, int, str]] = [
         "undecodable_image",
     ),
     (
+        "dicom: a JPEG scan bomb as JPEG baseline pixel data",
+        dcm.jpeg(_scan_bomb(), (4000, 3000)),
+        dcm.DICOM,
+        422,
+        "too_many_scans",
+    ),
+    (
         "dicom: a PNG as JPEG baseline pixel data",
         dcm.jpeg(make.encode(PIXELS, "PNG"), (160, 120)),
         dcm.DICOM,

@@ -142,7 +142,10 @@ def decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
         syntax = _check(dataset, data, limits)
     if syntax in _JPEG_LS or syntax in (_JPEG_BASELINE, _JPEG_EXTENDED):
         frame = _only_frame(dataset)
-        _check_jpeg_frame(frame, dataset, scans_checked=syntax not in _JPEG_LS)
+        # Baseline frames get the scan limit in decode_upload, as any JPEG does; extended frames go to
+        # pydicom's decoder, so they get it here. JPEG-LS stuffs its scan data differently, and has no
+        # progressive scans to repeat.
+        _check_jpeg_frame(frame, dataset, check_scans=syntax == _JPEG_EXTENDED)
         if syntax == _JPEG_BASELINE:
             image = decode_upload(frame, limits)
             image.media_type = DICOM_MEDIA_TYPE
@@ -377,11 +380,10 @@ def _check_codestream_size(frame: bytes, dataset: Dataset) -> None:
         )
 
 
-def _check_jpeg_frame(frame: bytes, dataset: Dataset, *, scans_checked: bool) -> None:
+def _check_jpeg_frame(frame: bytes, dataset: Dataset, *, check_scans: bool) -> None:
     """A JPEG (or JPEG-LS) frame must be one, of the header's Rows x Columns, checked before decoding: the
     pixel count was checked on the header's figures, and a 2.5 KB JPEG-LS frame of 12000x12000 inside a
-    320x240 header decoded to 1.2 GB. Baseline and extended JPEG frames get the JPEG path's scan limit
-    (JPEG-LS stuffs its scan data differently, and has no progressive scans to repeat)."""
+    320x240 header decoded to 1.2 GB. With `check_scans`, also the JPEG path's scan limit."""
     size = jpeg_frame_size(frame) if frame[:2] == b"\xff\xd8" else None
     if size is None:
         raise UploadRejected(
@@ -393,7 +395,7 @@ def _check_jpeg_frame(frame: bytes, dataset: Dataset, *, scans_checked: bool) ->
             f"the JPEG pixel data is {size[0]}x{size[1]} pixels but the DICOM header says "
             f"{declared[0]}x{declared[1]}; export the photo again"
         )
-    if scans_checked:
+    if check_scans:
         check_jpeg_scans(frame)
 
 
