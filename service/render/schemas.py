@@ -197,7 +197,7 @@ EXAMPLE_ASSESSMENT = {
     },
     "lesion": None,
     "diagnosis": None,
-    "models": {"detector": "2.0.0", "quality": "3.1.0", "segmenter": "2.0.0", "severity": "2.1.0"},
+    "models": {"detector": "2.1.0", "quality": "3.2.0", "segmenter": "2.0.0", "severity": "2.1.0"},
     "timings_ms": {"decode": 3.1, "detect": 2.6, "quality": 6.0, "total": 12.2},
 }
 
@@ -223,6 +223,6 @@ EXAMPLE_EXAM = {
     "diagnosis": {"label": "negative_or_cin1", "probability": 0.12, "referral": False,
                   "method": "logistic_on_stage_means_of_photo_measures", "photos_used": [0, 1]},
     "contact_sheet_jpeg": None,
-    "models": {"detector": "2.0.0", "quality": "3.1.0", "segmenter": "2.0.0", "severity": "2.1.0"},
+    "models": {"detector": "2.1.0", "quality": "3.2.0", "segmenter": "2.0.0", "severity": "2.1.0"},
     "timings_ms": {"total": 240.5},
 }  # fmt: skip

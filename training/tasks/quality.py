@@ -112,8 +112,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--look-share", type=float, default=0.5, help="training crops redrawn as other devices"
     )
-    parser.add_argument("--focus-c", type=float, default=0.3, help="inverse L2 strength, focus head")
-    parser.add_argument("--stage-c", type=float, default=0.01, help="inverse L2 strength, exam-stage head")
+    parser.add_argument(
+        "--focus-c",
+        type=float,
+        nargs="+",
+        default=[0.3, 1.0, 3.0, 10.0, 30.0, 100.0],
+        help="inverse L2 strengths tried for the focus heads; each fit takes the one its inner folds favour",
+    )
+    parser.add_argument(
+        "--stage-c",
+        type=float,
+        nargs="+",
+        default=[0.0003, 0.001, 0.003, 0.01],
+        help="inverse L2 strengths tried for the exam-stage head, chosen the same way",
+    )
     parser.add_argument(
         "--target-sensitivity",
         type=float,
@@ -133,6 +145,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="not-acetic threshold: at most this share of acetic-acid crops called not acetic",
     )
     parser.add_argument("--no-suite", action="store_true", help="held-out photos as taken only (smoke runs)")
+    parser.add_argument(
+        "--save-features",
+        action="store_true",
+        help="also write features.npz (every pool's features, labels and folds) to try heads offline",
+    )
     return parser
 
 
@@ -338,6 +355,7 @@ class Crop:
     stage: int  # index into EXAM_STAGES, -1 unknown
     blur_extent: float
     exposure_ok: bool = True  # the service's exposure and glare measures on the crop (served crops only)
+    crop_side: int = 0  # the crop's short side in pixels as cut, before fitting to the input
 
 
 def _region_short_side(labelled: LabelledImage) -> float:
@@ -385,9 +403,12 @@ def _train_crop(
             rng=rng,
             max_short_side=PREVIEW_SHORT_SIDE if preview else max(480, max_side),
         )
-    fitted, _ = fit(crop(shown.image, presets.cervix_region(shown, rng)), SPEC)
+    cut = crop(shown.image, presets.cervix_region(shown, rng))
+    fitted, _ = fit(cut, SPEC)
     stage = labelled.labels.exam_stage
-    return Crop(fitted, sharp, kind, EXAM_STAGES.index(stage) if stage else -1, extent)
+    return Crop(
+        fitted, sharp, kind, EXAM_STAGES.index(stage) if stage else -1, extent, crop_side=min(cut.shape[:2])
+    )
 
 
 def make_pool(
@@ -474,6 +495,7 @@ def served_pool(
                     EXAM_STAGES.index(stage) if stage else -1,
                     extent,
                     exposure_ok=tissue.exposure == "ok" and tissue.glare_fraction <= measures.GLARE_MAX,
+                    crop_side=min(crop_rgb.shape[:2]),
                 )
             )
             photo.append(i)
@@ -492,24 +514,138 @@ def labels_of(crops: list[Crop]) -> dict[str, np.ndarray]:
         "stage": np.array([c.stage for c in crops], int),
         "blur_extent": np.array([c.blur_extent for c in crops], float),
         "exposure_ok": np.array([c.exposure_ok for c in crops], bool),
+        "crop_side": np.array([c.crop_side for c in crops], int),
     }
 
 
-def fit_heads(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], args: argparse.Namespace) -> Heads:
+@dataclass(frozen=True)
+class Strengths:
+    """The inverse L2 strengths of the heads: focus (sharp and blur kind) and exam stage."""
+
+    focus: float
+    stage: float
+
+
+def _fit_sharp(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], c: float) -> LinearHead:
     known = ~np.isnan(labels["sharp"])
-    kinds = labels["blur_kind"] >= 0
+    return LinearHead.fit(feats["focus"][known], labels["sharp"][known].astype(int), c)
+
+
+def _fit_stage(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], c: float) -> LinearHead:
     staged = labels["stage"] >= 0
+    return LinearHead.fit(feats["pooled"][staged], labels["stage"][staged], c)
+
+
+def fit_heads(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], strengths: Strengths) -> Heads:
+    kinds = labels["blur_kind"] >= 0
     return Heads(
-        sharp=LinearHead.fit(feats["focus"][known], labels["sharp"][known].astype(int), args.focus_c),
-        blur_kind=LinearHead.fit(feats["focus"][kinds], labels["blur_kind"][kinds], args.focus_c),
-        stage=LinearHead.fit(feats["pooled"][staged], labels["stage"][staged], args.stage_c),
+        sharp=_fit_sharp(feats, labels, strengths.focus),
+        blur_kind=LinearHead.fit(feats["focus"][kinds], labels["blur_kind"][kinds], strengths.focus),
+        stage=_fit_stage(feats, labels, strengths.stage),
     )
 
 
+def _stage_proba(head: LinearHead, pooled: np.ndarray) -> np.ndarray:
+    stage = np.zeros((len(pooled), len(EXAM_STAGES)))
+    stage[:, head.model.classes_] = head.proba(pooled)
+    return stage
+
+
 def predict(heads: Heads, feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    stage = np.zeros((len(feats["pooled"]), len(EXAM_STAGES)))
-    stage[:, heads.stage.model.classes_] = heads.stage.proba(feats["pooled"])
-    return {"p_sharp": heads.sharp.proba(feats["focus"])[:, 1], "p_stage": stage}
+    return {
+        "p_sharp": heads.sharp.proba(feats["focus"])[:, 1],
+        "p_stage": _stage_proba(heads.stage, feats["pooled"]),
+    }
+
+
+@dataclass(frozen=True)
+class Pools:
+    """Features and labels of the real training crops (with each one's outer fold) and the synthetic ones."""
+
+    real_feats: dict[str, np.ndarray]
+    real_labels: dict[str, np.ndarray]
+    real_fold: np.ndarray
+    synthetic_feats: dict[str, np.ndarray]
+    synthetic_labels: dict[str, np.ndarray]
+
+    def training(self, excluded: set[int]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The real crops outside the `excluded` folds and every synthetic crop."""
+        keep = ~np.isin(self.real_fold, list(excluded))
+        feats = {
+            k: np.concatenate([v[keep], self.synthetic_feats[k]]).astype(np.float32)
+            for k, v in self.real_feats.items()
+        }
+        labels = {k: np.concatenate([v[keep], self.synthetic_labels[k]]) for k, v in self.real_labels.items()}
+        return feats, labels
+
+    def fold(self, fold: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        keep = self.real_fold == fold
+        return (
+            {k: v[keep].astype(np.float32) for k, v in self.real_feats.items()},
+            {k: v[keep] for k, v in self.real_labels.items()},
+        )
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a fit's inner folds chose: strengths, operating points at them, and each candidate's figure."""
+
+    strengths: Strengths
+    thresholds: dict[str, float]
+    focus_specificity: dict[float, float]  # per focus C, at the balanced point, inner predictions
+    stage_flagged: dict[float, float]  # per stage C, mean share of non-acetic crops flagged
+
+
+def _specificity_at_balanced(p_sharp: np.ndarray, labels: dict[str, np.ndarray], target: float) -> float:
+    known = ~np.isnan(labels["sharp"])
+    not_sharp, score = 1 - labels["sharp"][known], 1 - p_sharp[known]
+    threshold = metrics.threshold_for_sensitivity(not_sharp, score, target)
+    return float(np.mean(score[not_sharp == 0] < threshold))
+
+
+def _non_acetic_flagged(p_stage: np.ndarray, labels: dict[str, np.ndarray], max_acetic: float) -> float:
+    """Mean over the non-acetic stages present of their share flagged at the not_acetic threshold."""
+    stages = labels["stage"]
+    threshold = not_acetic_threshold(p_stage, stages, max_acetic)
+    shares = [np.mean(p_stage[stages == k, 0] < threshold) for k in range(1, len(EXAM_STAGES))]
+    present = [share for k, share in enumerate(shares, start=1) if np.any(stages == k)]
+    return float(np.mean(present)) if present else 0.0
+
+
+def choose(pools: Pools, excluded: set[int], inner_folds: list[int], args: argparse.Namespace) -> Choice:
+    """Nested selection: each candidate strength fitted without each inner fold (and the `excluded` outer
+    ones) and scored on it; the strength with the best pooled inner figure (focus: specificity at the
+    balanced point; stage: non-acetic crops flagged while at most max_acetic_recapture of acetic ones are)
+    wins, the first listed on a tie, and the operating points come from its inner predictions."""
+    p_sharp: dict[float, list[np.ndarray]] = {c: [] for c in args.focus_c}
+    p_stage: dict[float, list[np.ndarray]] = {c: [] for c in args.stage_c}
+    labels: list[dict[str, np.ndarray]] = []
+    for inner in inner_folds:
+        train_feats, train_labels = pools.training(excluded | {inner})
+        feats, fold_labels = pools.fold(inner)
+        for c in args.focus_c:
+            p_sharp[c].append(_fit_sharp(train_feats, train_labels, c).proba(feats["focus"])[:, 1])
+        for c in args.stage_c:
+            p_stage[c].append(_stage_proba(_fit_stage(train_feats, train_labels, c), feats["pooled"]))
+        labels.append(fold_labels)
+    pooled = _stack(labels)
+    specificity = {
+        c: _specificity_at_balanced(np.concatenate(p), pooled, args.balanced_sensitivity)
+        for c, p in p_sharp.items()
+    }
+    flagged = {
+        c: _non_acetic_flagged(np.concatenate(p), pooled, args.max_acetic_recapture)
+        for c, p in p_stage.items()
+    }
+    strengths = Strengths(
+        focus=max(args.focus_c, key=lambda c: specificity[c]),
+        stage=max(args.stage_c, key=lambda c: flagged[c]),
+    )
+    scores = {
+        "p_sharp": np.concatenate(p_sharp[strengths.focus]),
+        "p_stage": np.concatenate(p_stage[strengths.stage]),
+    }
+    return Choice(strengths, thresholds_from(scores, pooled, args), specificity, flagged)
 
 
 def thresholds_from(
@@ -518,13 +654,18 @@ def thresholds_from(
     """The three operating points by their rules, on predictions of models that did not see these crops."""
     known = ~np.isnan(labels["sharp"])
     not_sharp, score = 1 - labels["sharp"][known], 1 - scores["p_sharp"][known]
-    acetic = np.sort(scores["p_stage"][labels["stage"] == 0, 0])
-    allowed = int(np.floor(args.max_acetic_recapture * acetic.size))
     return {
         "not_sharp": metrics.threshold_for_sensitivity(not_sharp, score, args.target_sensitivity),
         "not_sharp_balanced": metrics.threshold_for_sensitivity(not_sharp, score, args.balanced_sensitivity),
-        "not_acetic": float(acetic[min(allowed, acetic.size - 1)]) if acetic.size else 0.0,
+        "not_acetic": not_acetic_threshold(scores["p_stage"], labels["stage"], args.max_acetic_recapture),
     }
+
+
+def not_acetic_threshold(p_stage: np.ndarray, stage: np.ndarray, max_share: float) -> float:
+    """The P(acetic) under which a crop is called not acetic: at most `max_share` of acetic-acid crops."""
+    acetic = np.sort(p_stage[stage == 0, 0])
+    allowed = int(np.floor(max_share * acetic.size))
+    return float(acetic[min(allowed, acetic.size - 1)]) if acetic.size else 0.0
 
 
 # --- the run ---------------------------------------------------------------------------------------------
@@ -564,35 +705,34 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         labels_of(served.crops),
     )
     real_fold = np.repeat([real.fold_of(i) for i in range(len(real.images))], args.train_variants)
+    if args.save_features:
+        _save_features(
+            args.output_dir / "features.npz",
+            {"real": (real_feats, real_labels), "synthetic": (synthetic_feats, synthetic_labels)}
+            | ({"served": (served_feats, served_labels)} if served.crops else {}),
+            real_fold=real_fold,
+            served_fold=np.array([real.fold_of(i) for i in served.photo], int),
+            served_photo=served.photo,
+            served_variant=served.variant,
+            served_transform=served.transform,
+            served_subject=np.array([real.records[i].subject for i in served.photo]),
+        )
 
-    def heads_without(excluded: set[int]) -> Heads:
-        keep = ~np.isin(real_fold, list(excluded))
-        feats = {
-            k: np.concatenate([real_feats[k][keep], synthetic_feats[k]]).astype(np.float32)
-            for k in real_feats
-        }
-        labels = {k: np.concatenate([real_labels[k][keep], synthetic_labels[k]]) for k in real_labels}
-        return fit_heads(feats, labels, args)
-
-    def rows(feats: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: v[keep].astype(np.float32) for k, v in feats.items()}
-
+    pools = Pools(real_feats, real_labels, real_fold, synthetic_feats, synthetic_labels)
+    all_folds = list(range(len(real.folds)))
     served_fold = np.array([real.fold_of(i) for i in served.photo], int)
     held_out: list[dict[str, np.ndarray]] = []
     fold_thresholds: list[dict[str, float]] = []
+    fold_choices: list[Choice] = []
     for fold in common.folds_to_run(args, len(real.folds)):
-        inner_scores: list[dict[str, np.ndarray]] = []
-        inner_labels: list[dict[str, np.ndarray]] = []
-        for inner in sorted(set(range(len(real.folds))) - {fold}):
-            keep = real_fold == inner
-            inner_scores.append(predict(heads_without({fold, inner}), rows(real_feats, keep)))
-            inner_labels.append({k: v[keep] for k, v in real_labels.items()})
-        thresholds = thresholds_from(_stack(inner_scores), _stack(inner_labels), args)
-        heads = heads_without({fold})
+        choice = choose(pools, {fold}, [k for k in all_folds if k != fold], args)
+        thresholds = choice.thresholds
         keep = served_fold == fold
         if not keep.any():
             continue
-        out = predict(heads, rows(served_feats, keep)) | {k: v[keep] for k, v in served_labels.items()}
+        heads = fit_heads(*pools.training({fold}), choice.strengths)
+        feats = {k: v[keep].astype(np.float32) for k, v in served_feats.items()}
+        out = predict(heads, feats) | {k: v[keep] for k, v in served_labels.items()}
         out |= {
             "photo": served.photo[keep],
             "variant": served.variant[keep],
@@ -607,18 +747,15 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         )
         held_out.append(out)
         fold_thresholds.append(thresholds)
+        fold_choices.append(choice)
 
-    all_feats = {
-        k: np.concatenate([real_feats[k], synthetic_feats[k]]).astype(np.float32) for k in real_feats
-    }
-    all_labels = {k: np.concatenate([real_labels[k], synthetic_labels[k]]) for k in real_labels}
-    heads = fit_heads(all_feats, all_labels, args)
-    # The shipped model's operating points: the same rules on the pooled outer held-out served crops.
-    final = (
-        thresholds_from(_stack(held_out), _stack(held_out), args)
-        if held_out
-        else {"not_sharp": 0.5, "not_sharp_balanced": 0.5, "not_acetic": 0.0}
-    )
+    # The shipped fit's strengths and operating points by the very rule each outer fold's came from, over
+    # all real folds (each fitted without it). Thresholds taken instead from the outer held-out served
+    # crops (up to 3.1.0) sat at another point than the one reported: a fold model's crops at 3.1.0's
+    # shipped 0.577 were 96.2 % / 99.8 %, not the 99 % / 89 % reported at their own thresholds near 0.12.
+    shipped_choice = choose(pools, set(), all_folds, args)
+    heads = fit_heads(*pools.training(set()), shipped_choice.strengths)
+    final = shipped_choice.thresholds
     engine.save_checkpoint(
         args.output_dir / "model.pth", build_model(heads), args, command=common.command_line(args)
     )
@@ -632,8 +769,41 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         real_split=common.split_family(real.folds),
         synthetic_split=synthetic_split.name,
     )
+    summary["strength_choice"] = {
+        "rule": (
+            "nested: each outer fold's strengths are those whose pooled inner-fold predictions give the "
+            "highest specificity at the balanced focus point (focus C) and the largest mean share of "
+            "saline, iodine and green-filter crops flagged not acetic (stage C); the shipped fit's by the "
+            "same rule over all real folds"
+        ),
+        "fold_focus_c": [choice.strengths.focus for choice in fold_choices],
+        "fold_stage_c": [choice.strengths.stage for choice in fold_choices],
+        "shipped": _choice_summary(shipped_choice),
+    }
     engine.write_json(args.output_dir / "metrics.json", summary)
     return summary
+
+
+def _save_features(
+    path: Path,
+    pools: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+    **extra: np.ndarray,
+) -> None:
+    """`<pool>.<feature or label>` arrays plus `extra`: enough to refit and re-threshold heads offline."""
+    arrays = {
+        f"{pool}.{k}": v for pool, (feats, labels) in pools.items() for k, v in (feats | labels).items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays, **extra)  # type: ignore[arg-type]  # numpy stubs mistype **kwds
+
+
+def _choice_summary(choice: Choice) -> dict[str, object]:
+    return {
+        "focus_c": choice.strengths.focus,
+        "stage_c": choice.strengths.stage,
+        "inner_specificity_by_focus_c": {str(c): v for c, v in choice.focus_specificity.items()},
+        "inner_non_acetic_flagged_by_stage_c": {str(c): v for c, v in choice.stage_flagged.items()},
+    }
 
 
 def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -683,8 +853,8 @@ def summarise(
             "nested: each outer fold's thresholds come from its inner folds' predictions (not sharp: "
             f"sensitivity >= {args.target_sensitivity} and >= {args.balanced_sensitivity} (balanced); not "
             f"acetic: at most {args.max_acetic_recapture:.0%} of acetic-acid crops) and are applied to the "
-            "outer fold's served crops; the shipped model's by the same rules on the pooled outer held-out "
-            "served crops"
+            "outer fold's served crops; the shipped model's by the same rules on the predictions for every "
+            "real fold of models fitted without it (its training crops, as the inner folds')"
         ),
         "detector_missed_clean_photos": missed,
     }
@@ -777,6 +947,11 @@ CHANGELOG = (
     "8 px of its edge and of the crop border (round apertures, letterbox bars, zero padding); look-alike "
     "drawn marks on training photos, before and after the degradation; the held-out chain scores the photos "
     "as uploaded, drawn marks and all. Heads refitted, thresholds re-chosen (nested).",
+    "3.2.0: same network, inputs and outputs; the heads' L2 strengths are chosen nested (focus C from "
+    "0.3-100, exam-stage C from 0.0003-0.01, by the inner folds' specificity at the balanced point and "
+    "non-acetic crops flagged) instead of fixed at 0.3 and 0.01; the shipped thresholds come by the same "
+    "rule as each fold's (cross-validated training crops), no longer from the outer held-out served crops, "
+    "whose distribution put 3.1.0's at another operating point than the one reported. Heads refitted.",
 )
 # The focus features are logs of mean edge magnitudes, and the folded sharp head weighs 132 of them, some
 # with large weights (features of small spread): float32 summation order (PyTorch vs ONNX Runtime) moves its
@@ -830,6 +1005,7 @@ def export(args: argparse.Namespace) -> export_step.ExportResult:
 def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
     origin = backbones.provenance()
     thresholds = summary.get("thresholds", {})
+    shipped = summary.get("strength_choice", {}).get("shipped", {})
     return common.TaskDescription(
         outputs=OUTPUTS,
         labels={"blur_kind_logits": list(BLUR_KINDS), "stage_logits": list(EXAM_STAGES)},
@@ -862,6 +1038,11 @@ def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
             "judge: a smaller one is upsampled more than its training crops were; the service's "
             "cervix_too_small",
             "not_acetic_score": "softmax(stage_logits)[acetic]; not acetic when < thresholds.not_acetic",
+            "head_strengths": {
+                "focus_c": shipped.get("focus_c"),
+                "stage_c": shipped.get("stage_c"),
+                "rule": summary.get("strength_choice", {}).get("rule"),
+            },
             "backbone": {
                 "name": origin.variant,
                 "pretrained": "ImageNet-1k, frozen",

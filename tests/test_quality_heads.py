@@ -1,0 +1,78 @@
+"""The quality task's nested choice of head strengths: chosen on inner folds only, by the stated rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.tasks.quality import EXAM_STAGES, Pools, choose, get_args_parser, not_acetic_threshold
+
+FOLDS = 4
+PER_FOLD = 120
+
+
+def _pool(rng: np.random.Generator, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Focus features where one column carries the label and many noisy ones do not, so the L2 strength
+    changes the ranking; stage features where the first column tells acetic from the rest."""
+    sharp = rng.integers(0, 2, n).astype(float)
+    focus = rng.normal(size=(n, 40))
+    focus[:, 0] += 1.2 * sharp
+    focus[:, 1:6] += 0.4 * sharp[:, None] * rng.normal(size=(1, 5))  # weak, shared across candidates
+    stage = rng.integers(0, len(EXAM_STAGES), n)
+    pooled = rng.normal(size=(n, 30))
+    pooled[:, 0] += 1.5 * (stage == 0)
+    labels = {
+        "sharp": sharp,
+        "blur_kind": np.where(sharp == 1, 0, 1),
+        "stage": stage,
+        "blur_extent": np.zeros(n),
+        "exposure_ok": np.ones(n, bool),
+    }
+    return {"focus": focus, "pooled": pooled}, labels
+
+
+@pytest.fixture
+def pools() -> Pools:
+    rng = np.random.default_rng(3)
+    real_feats, real_labels = _pool(rng, FOLDS * PER_FOLD)
+    synthetic_feats, synthetic_labels = _pool(rng, 60)
+    real_fold = np.repeat(np.arange(FOLDS), PER_FOLD)
+    return Pools(real_feats, real_labels, real_fold, synthetic_feats, synthetic_labels)
+
+
+def _args(*extra: str):
+    return get_args_parser().parse_args(["--output-dir", "unused", *extra])
+
+
+def test_the_strength_with_the_best_inner_figure_is_chosen(pools: Pools) -> None:
+    args = _args("--focus-c", "0.0001", "100", "--stage-c", "0.0001", "10")
+    choice = choose(pools, {0}, [1, 2, 3], args)
+    figures = choice.focus_specificity
+    assert set(figures) == {0.0001, 100.0} and set(choice.stage_flagged) == {0.0001, 10.0}
+    # The candidates really differ here, and the better one is listed second: "take the first" would fail.
+    assert figures[100.0] > figures[0.0001] and choice.stage_flagged[10.0] > choice.stage_flagged[0.0001]
+    assert choice.strengths.focus == max(figures, key=lambda c: figures[c])
+    assert choice.strengths.stage == max(choice.stage_flagged, key=lambda c: choice.stage_flagged[c])
+
+
+def test_the_outer_fold_never_informs_the_choice(pools: Pools) -> None:
+    args = _args("--focus-c", "0.0001", "0.01", "100")
+    before = choose(pools, {0}, [1, 2, 3], args)
+    scrambled = Pools(
+        {k: np.where((pools.real_fold == 0)[:, None], 0.0, v) for k, v in pools.real_feats.items()},
+        pools.real_labels,
+        pools.real_fold,
+        pools.synthetic_feats,
+        pools.synthetic_labels,
+    )
+    after = choose(scrambled, {0}, [1, 2, 3], args)
+    assert after.focus_specificity == before.focus_specificity
+    assert after.thresholds == before.thresholds
+
+
+def test_not_acetic_threshold_flags_at_most_the_allowed_share_of_acetic_crops() -> None:
+    p_acetic = np.linspace(0.05, 0.95, 50)
+    p_stage = np.stack([p_acetic, 1 - p_acetic, np.zeros(50), np.zeros(50)], axis=1)
+    threshold = not_acetic_threshold(p_stage, np.zeros(50, int), 0.10)
+    assert np.mean(p_acetic < threshold) <= 0.10
+    assert np.mean(p_acetic <= threshold) > 0.10  # the largest such threshold: one more crop would pass it
