@@ -73,7 +73,14 @@ def test_detector_then_quality_on_the_crops_its_fold_models_take(tmp_path: Path)
     )
     assert quality["real_split"].startswith("real-gkf5-s0")
     assert set(quality["thresholds"]) == {"not_sharp", "not_sharp_balanced", "not_acetic"}
+    choice = quality["strength_choice"]
+    assert len(choice["fold_focus_c"]) == 1
+    assert choice["shipped"]["focus_c"] in (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+    # The refit check scores one model per outer fold run, and the refit, on the same synthetic test crops.
+    assert len(quality["refit_check"]["fold_models"]) == 1
+    assert set(quality["refit_check"]["refit"]) >= {"not_sharp_balanced_sensitivity", "median_score_sharp"}
     manifest = read_manifest(tmp_path / "models" / "quality")
+    assert manifest.extra["head_strengths"]["focus_c"] == choice["shipped"]["focus_c"]  # type: ignore[index]
     assert manifest.extra["backbone"]["pretrained"].startswith("ImageNet")  # type: ignore[index]
 
 

@@ -507,6 +507,9 @@ def served_pool(
 # --- heads, nested thresholds ----------------------------------------------------------------------------
 
 
+REFIT_CHECK_VARIANTS = 2  # degraded crops per synthetic test photo
+
+
 def labels_of(crops: list[Crop]) -> dict[str, np.ndarray]:
     return {
         "sharp": np.array([c.sharp for c in crops], float),
@@ -680,6 +683,9 @@ def main(args: argparse.Namespace) -> dict[str, object]:
     synthetic_train = [
         synthetic[i * per_subject + s] for i in synthetic_split.train for s in range(per_subject)
     ]
+    synthetic_test = [
+        synthetic[i * per_subject + s] for i in synthetic_split.test for s in range(per_subject)
+    ]
     surrounds = parallel_map(
         partial(generate_surround, size=SYNTHETIC_SIZE), list(TRAIN_SURROUND_SEEDS)[:60], "surr"
     )
@@ -692,6 +698,10 @@ def main(args: argparse.Namespace) -> dict[str, object]:
     )
     transforms = ("as_taken",) if args.no_suite else tuple(device_suite.SUITE)
     served = served_pool(real, args.detector_run, transforms, args.eval_variants, args.seed)
+    # Synthetic test subjects no head trains on: the only held-out data the refit and the fold models share.
+    test_pool = make_pool(
+        synthetic_test, REFIT_CHECK_VARIANTS, args.seed, surrounds, args.look_share, "synthetic test"
+    )
 
     fx = FeatureExtractor(QualityFeatures(pretrained=True), ("focus", "pooled"), SPEC)
     real_feats = fx.extract(np.stack([c.fitted for c in real_pool]), "features real")
@@ -699,6 +709,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
     served_feats = (
         fx.extract(np.stack([c.fitted for c in served.crops]), "features served") if served.crops else {}
     )
+    test_feats = fx.extract(np.stack([c.fitted for c in test_pool]), "features synthetic test")
     real_labels, synthetic_labels, served_labels = (
         labels_of(real_pool),
         labels_of(synthetic_pool),
@@ -724,6 +735,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
     held_out: list[dict[str, np.ndarray]] = []
     fold_thresholds: list[dict[str, float]] = []
     fold_choices: list[Choice] = []
+    fold_refit_check: list[dict[str, float]] = []
     for fold in common.folds_to_run(args, len(real.folds)):
         choice = choose(pools, {fold}, [k for k in all_folds if k != fold], args)
         thresholds = choice.thresholds
@@ -748,6 +760,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         held_out.append(out)
         fold_thresholds.append(thresholds)
         fold_choices.append(choice)
+        fold_refit_check.append(_focus_rates(heads, test_feats, labels_of(test_pool), thresholds))
 
     # The shipped fit's strengths and operating points by the very rule each outer fold's came from, over
     # all real folds (each fitted without it). Thresholds taken instead from the outer held-out served
@@ -780,6 +793,13 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         "fold_stage_c": [choice.strengths.stage for choice in fold_choices],
         "shipped": _choice_summary(shipped_choice),
     }
+    summary["refit_check"] = {
+        "fold_models": fold_refit_check,
+        "refit": _focus_rates(heads, test_feats, labels_of(test_pool), final),
+        "data": f"{len(test_pool)} crops of {len(synthetic_split.test)} synthetic test subjects with device "
+        "looks, which no head trained on; each model at its own thresholds",
+        "note": "the refit's figures should fall within the fold models' spread",
+    }
     engine.write_json(args.output_dir / "metrics.json", summary)
     return summary
 
@@ -795,6 +815,23 @@ def _save_features(
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **arrays, **extra)  # type: ignore[arg-type]  # numpy stubs mistype **kwds
+
+
+def _focus_rates(
+    heads: Heads, feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], thresholds: dict[str, float]
+) -> dict[str, float]:
+    """Not-sharp sensitivity and specificity at both operating points, and the median not-sharp score of
+    sharp and of blurred crops (where a model's scores sit, beside where its thresholds do)."""
+    score = 1 - predict(heads, {k: v.astype(np.float32) for k, v in feats.items()})["p_sharp"]
+    blurred, sharp = labels["sharp"] == 0, labels["sharp"] == 1
+    out: dict[str, float] = {}
+    for point in ("not_sharp_balanced", "not_sharp"):
+        called = score >= thresholds[point]
+        out[f"{point}_sensitivity"] = float(called[blurred].mean()) if blurred.any() else math.nan
+        out[f"{point}_specificity"] = float((~called[sharp]).mean()) if sharp.any() else math.nan
+    out["median_score_sharp"] = float(np.median(score[sharp])) if sharp.any() else math.nan
+    out["median_score_blurred"] = float(np.median(score[blurred])) if blurred.any() else math.nan
+    return out
 
 
 def _choice_summary(choice: Choice) -> dict[str, object]:
