@@ -716,13 +716,15 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         labels_of(served.crops),
     )
     real_fold = np.repeat([real.fold_of(i) for i in range(len(real.images))], args.train_variants)
+    served_fold = np.array([real.fold_of(i) for i in served.photo], int)
+    test_labels = labels_of(test_pool)
     if args.save_features:
         _save_features(
             args.output_dir / "features.npz",
             {"real": (real_feats, real_labels), "synthetic": (synthetic_feats, synthetic_labels)}
             | ({"served": (served_feats, served_labels)} if served.crops else {}),
             real_fold=real_fold,
-            served_fold=np.array([real.fold_of(i) for i in served.photo], int),
+            served_fold=served_fold,
             served_photo=served.photo,
             served_variant=served.variant,
             served_transform=served.transform,
@@ -731,7 +733,6 @@ def main(args: argparse.Namespace) -> dict[str, object]:
 
     pools = Pools(real_feats, real_labels, real_fold, synthetic_feats, synthetic_labels)
     all_folds = list(range(len(real.folds)))
-    served_fold = np.array([real.fold_of(i) for i in served.photo], int)
     held_out: list[dict[str, np.ndarray]] = []
     fold_thresholds: list[dict[str, float]] = []
     fold_choices: list[Choice] = []
@@ -760,7 +761,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         held_out.append(out)
         fold_thresholds.append(thresholds)
         fold_choices.append(choice)
-        fold_refit_check.append(_focus_rates(heads, test_feats, labels_of(test_pool), thresholds))
+        fold_refit_check.append(_focus_rates(heads, test_feats, test_labels, thresholds))
 
     # The shipped fit's strengths and operating points by the very rule each outer fold's came from, over
     # all real folds (each fitted without it). Thresholds taken instead from the outer held-out served
@@ -795,7 +796,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
     }
     summary["refit_check"] = {
         "fold_models": fold_refit_check,
-        "refit": _focus_rates(heads, test_feats, labels_of(test_pool), final),
+        "refit": _focus_rates(heads, test_feats, test_labels, final),
         "data": f"{len(test_pool)} crops of {len(synthetic_split.test)} synthetic test subjects with device "
         "looks, which no head trained on; each model at its own thresholds",
         "note": "the refit's figures should fall within the fold models' spread",
