@@ -6,7 +6,13 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter, uniform_filter1d
 
-from training.tasks.quality import DirectionalEnergy, SeparableBlur, tissue_mask
+from training.tasks.quality import (
+    DirectionalEnergy,
+    QualityFeatures,
+    SeparableBlur,
+    quarter_turn,
+    tissue_mask,
+)
 
 SIDE = 448
 
@@ -54,3 +60,23 @@ def test_the_tissue_mask_skips_the_surround_its_margin_and_the_border() -> None:
     tissue = tissue_mask(image)[0, 0]
     assert tissue[20:44, 20:31].all()  # tissue 9 px or more from the band and the border
     assert not tissue[:, 32:].any() and not tissue[:8].any() and not tissue[:, :8].any()
+
+
+def test_quarter_turn_is_rot90() -> None:
+    image = torch.randn(2, 3, 6, 6)
+    for turns in range(-1, 5):
+        assert torch.equal(quarter_turn(image, turns), torch.rot90(image, turns, dims=(2, 3)))
+
+
+def test_the_turns_stage_view_reads_a_turned_crop_as_the_crop_itself() -> None:
+    """A phone held sideways must not change the exam stage: the four-turn view's features are the same for
+    a crop and its quarter turns (each is the other's views in another order); a single view's are not."""
+    features = QualityFeatures(pretrained=True, stage_views=("turns112", "crop224")).eval()
+    crop = torch.from_numpy(np.repeat(_texture(seed=3)[None, None], 3, axis=1).astype(np.float32))
+    crop[:, 0] += 0.3 * torch.linspace(-1, 1, SIDE)  # a colour gradient, so orientation shows
+    with torch.no_grad():
+        upright = features(crop)
+        for turns in (1, 2, 3):
+            turned = features(torch.rot90(crop, turns, dims=(2, 3)))
+            assert torch.allclose(turned["pooled_turns112"], upright["pooled_turns112"], atol=1e-4)
+        assert not torch.allclose(turned["pooled_crop224"], upright["pooled_crop224"], atol=1e-2)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.tasks.quality import EXAM_STAGES, Pools, choose, get_args_parser, not_acetic_threshold
+from training.tasks.quality import (
+    EXAM_STAGES,
+    Pools,
+    StageCandidate,
+    choose,
+    get_args_parser,
+    not_acetic_threshold,
+)
 
 FOLDS = 4
 PER_FOLD = 120
@@ -13,14 +20,16 @@ PER_FOLD = 120
 
 def _pool(rng: np.random.Generator, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Focus features where one column carries the label and many noisy ones do not, so the L2 strength
-    changes the ranking; stage features where the first column tells acetic from the rest."""
+    changes the ranking; stage features where the first column tells acetic from the rest, more clearly in
+    one view (turns112) than in the other (crop224)."""
     sharp = rng.integers(0, 2, n).astype(float)
     focus = rng.normal(size=(n, 40))
     focus[:, 0] += 1.2 * sharp
     focus[:, 1:6] += 0.4 * sharp[:, None] * rng.normal(size=(1, 5))  # weak, shared across candidates
     stage = rng.integers(0, len(EXAM_STAGES), n)
-    pooled = rng.normal(size=(n, 30))
-    pooled[:, 0] += 1.5 * (stage == 0)
+    clear, faint = rng.normal(size=(n, 30)), rng.normal(size=(n, 30))
+    clear[:, 0] += 1.5 * (stage == 0)
+    faint[:, 0] += 0.5 * (stage == 0)
     labels = {
         "sharp": sharp,
         "blur_kind": np.where(sharp == 1, 0, 1),
@@ -28,7 +37,7 @@ def _pool(rng: np.random.Generator, n: int) -> tuple[dict[str, np.ndarray], dict
         "blur_extent": np.zeros(n),
         "exposure_ok": np.ones(n, bool),
     }
-    return {"focus": focus, "pooled": pooled}, labels
+    return {"focus": focus, "pooled_crop224": faint, "pooled_turns112": clear}, labels
 
 
 @pytest.fixture
@@ -41,18 +50,22 @@ def pools() -> Pools:
 
 
 def _args(*extra: str):
-    return get_args_parser().parse_args(["--output-dir", "unused", *extra])
+    views = ["--stage-views", "crop224", "turns112"]  # the views the pools have, the weaker one first
+    return get_args_parser().parse_args(["--output-dir", "unused", *views, *extra])
 
 
 def test_the_strength_with_the_best_inner_figure_is_chosen(pools: Pools) -> None:
     args = _args("--focus-c", "0.0001", "100", "--stage-c", "0.0001", "10")
     choice = choose(pools, {0}, [1, 2, 3], args)
-    figures = choice.focus_specificity
-    assert set(figures) == {0.0001, 100.0} and set(choice.stage_flagged) == {0.0001, 10.0}
-    # The candidates really differ here, and the better one is listed second: "take the first" would fail.
-    assert figures[100.0] > figures[0.0001] and choice.stage_flagged[10.0] > choice.stage_flagged[0.0001]
+    figures, flagged = choice.focus_specificity, choice.stage_flagged
+    assert set(figures) == {0.0001, 100.0}
+    assert set(flagged) == {StageCandidate(v, c) for v in ("crop224", "turns112") for c in (0.0001, 10.0)}
+    # The candidates really differ here, and the better one is listed last: "take the first" would fail.
+    assert figures[100.0] > figures[0.0001]
+    assert flagged[StageCandidate("turns112", 10.0)] > flagged[StageCandidate("crop224", 10.0)]
     assert choice.strengths.focus == max(figures, key=lambda c: figures[c])
-    assert choice.strengths.stage == max(choice.stage_flagged, key=lambda c: choice.stage_flagged[c])
+    assert choice.strengths.stage == max(flagged, key=lambda k: flagged[k])
+    assert choice.strengths.stage.view == "turns112"
 
 
 def test_the_outer_fold_never_informs_the_choice(pools: Pools) -> None:
@@ -67,6 +80,7 @@ def test_the_outer_fold_never_informs_the_choice(pools: Pools) -> None:
     )
     after = choose(scrambled, {0}, [1, 2, 3], args)
     assert after.focus_specificity == before.focus_specificity
+    assert after.stage_flagged == before.stage_flagged
     assert after.thresholds == before.thresholds
 
 

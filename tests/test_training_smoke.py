@@ -81,6 +81,11 @@ def test_detector_then_quality_on_the_crops_its_fold_models_take(tmp_path: Path)
     assert set(quality["refit_check"]["refit"]) >= {"not_sharp_balanced_sensitivity", "median_score_sharp"}
     manifest = read_manifest(tmp_path / "models" / "quality")
     assert manifest.extra["head_strengths"]["focus_c"] == choice["shipped"]["focus_c"]  # type: ignore[index]
+    # The stage view is chosen with its strength, and the exported graph is the chosen view's.
+    assert len(choice["fold_stage_view"]) == 1
+    view = choice["shipped"]["stage_view"]
+    assert view in ("crop224", "crop112", "turns112")
+    assert manifest.extra["head_strengths"]["stage_view"] == view  # type: ignore[index]
     assert manifest.extra["backbone"]["pretrained"].startswith("ImageNet")  # type: ignore[index]
 
 
