@@ -91,8 +91,10 @@ def onnx_session(
     options.intra_op_num_threads = threads
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
+        # The wrapper in eval mode, not only the module: the exporter puts the wrapper back in the mode it
+        # found it in, and a module left training would run BatchNorm on batch statistics afterwards.
         torch.onnx.export(
-            NamedOutputs(module.eval(), names), (dummy,), str(path), input_names=["image"],
+            NamedOutputs(module, names).eval(), (dummy,), str(path), input_names=["image"],
             output_names=list(names), dynamic_axes={"image": {0: "batch"}}, dynamo=False,
         )  # fmt: skip
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
