@@ -9,6 +9,7 @@ from training.tasks.quality import (
     EXAM_STAGES,
     Pools,
     StageCandidate,
+    _consistency,
     choose,
     get_args_parser,
     not_acetic_threshold,
@@ -90,3 +91,26 @@ def test_not_acetic_threshold_flags_at_most_the_allowed_share_of_acetic_crops() 
     threshold = not_acetic_threshold(p_stage, np.zeros(50, int), 0.10)
     assert np.mean(p_acetic < threshold) <= 0.10
     assert np.mean(p_acetic <= threshold) > 0.10  # the largest such threshold: one more crop would pass it
+
+
+def test_decision_consistency_names_the_check_that_flips() -> None:
+    """Two clean photos under two transforms: photo 0 turns not sharp when rotated, photo 1 never changes;
+    both are flagged not acetic throughout. Whole decisions agree for one photo of two, each check alone
+    says which one flipped."""
+    n = 4  # (photo 0, photo 1) as taken, then rotated
+    pooled = {
+        "variant": np.zeros(n, int),
+        "photo": np.array([0, 1, 0, 1]),
+        "transform": np.array(["as_taken", "as_taken", "rotate90", "rotate90"]),
+        "p_sharp": np.array([0.9, 0.9, 0.2, 0.9]),
+        "threshold_not_sharp_balanced": np.full(n, 0.5),
+        "p_stage": np.tile([0.1, 0.9, 0.0, 0.0], (n, 1)),
+        "threshold_not_acetic": np.full(n, 0.3),
+        "exposure_ok": np.ones(n, bool),
+    }
+    out = _consistency(pooled)
+    assert out["all_transforms"] == 0.5
+    by_reason = out["by_reason"]
+    assert by_reason["not_sharp"]["all_transforms"] == 0.5  # type: ignore[index]
+    assert by_reason["not_acetic"]["all_transforms"] == 1.0  # type: ignore[index]
+    assert by_reason["exposure_or_glare"]["rotate90"] == 1.0  # type: ignore[index]
