@@ -44,6 +44,32 @@ def _png_header_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
 
 
+def _png_chunks(png: bytes) -> list[tuple[bytes, bytes]]:
+    """(kind, data) of each chunk of a well-formed PNG."""
+    chunks, position = [], 8
+    while position < len(png):
+        (length,) = struct.unpack(">I", png[position : position + 4])
+        chunks.append((png[position + 4 : position + 8], png[position + 8 : position + 8 + length]))
+        position += 12 + length
+    return chunks
+
+
+def _png_bad_idat_crc(png: bytes) -> bytes:
+    """The PNG with its first IDAT chunk's CRC wrong: its pixels are what a flipped bit would give."""
+    out = bytearray(png)
+    at = png.index(b"IDAT") + 4 + struct.unpack(">I", png[png.index(b"IDAT") - 4 : png.index(b"IDAT")])[0]
+    out[at] ^= 0xFF
+    return bytes(out)
+
+
+def _png_rebuilt(png: bytes, ihdr_byte: int | None = None, value: int = 0, drop: bytes = b"") -> bytes:
+    """The PNG rebuilt with valid CRCs: one IHDR byte set to `value`, and chunks of kind `drop` left out."""
+    chunks = [(kind, bytearray(data)) for kind, data in _png_chunks(png) if kind != drop]
+    if ihdr_byte is not None:
+        chunks[0][1][ihdr_byte] = value
+    return b"\x89PNG\r\n\x1a\n" + b"".join(_chunk(kind, bytes(data)) for kind, data in chunks)
+
+
 def _animated(fmt: str) -> bytes:
     frames = [Image.fromarray(np.full((100, 100, 3), v, np.uint8)) for v in (0, 200)]
     buffer = io.BytesIO()
@@ -123,6 +149,7 @@ def _deflated_dicom() -> bytes:
 
 JPEG = make.encode(np.zeros((100, 100, 3), np.uint8))
 PNG = make.encode(np.zeros((100, 100, 3), np.uint8), "PNG")
+PNG_INTERLACE_9 = _png_rebuilt(PNG, ihdr_byte=12, value=9)
 PIXELS = np.random.default_rng(3).integers(0, 255, (120, 160, 3), dtype=np.uint8)
 DICOM = dcm.native(PIXELS)
 DICOM_JPEG = dcm.jpeg(make.encode(PIXELS), (160, 120))
@@ -131,6 +158,12 @@ CORPUS: list[tuple[str, bytes, str, int, str]] = [
     ("empty", b"", "image/jpeg", 400, "empty_upload"),
     ("truncated jpeg", JPEG[: len(JPEG) // 3], "image/jpeg", 422, "undecodable_image"),
     ("truncated png", PNG[: len(PNG) // 3], "image/png", 422, "undecodable_image"),
+    # Pillow decodes a bad IDAT CRC (flipped bits in the pixels) and a cut-off IEND without complaint; the
+    # chunk check refuses all four before decoding.
+    ("png: IDAT fails its CRC", _png_bad_idat_crc(PNG), "image/png", 422, "undecodable_image"),
+    ("png: interlace method 9", PNG_INTERLACE_9, "image/png", 422, "undecodable_image"),
+    ("png: cut before IEND", _png_rebuilt(PNG, drop=b"IEND"), "image/png", 422, "undecodable_image"),
+    ("png: bit depth 3", _png_rebuilt(PNG, ihdr_byte=8, value=3), "image/png", 422, "undecodable_image"),
     ("random bytes as jpeg", np.random.default_rng(0).bytes(5000), "image/jpeg", 422, "undecodable_image"),
     ("text", b"just some text", "text/plain", 415, "unsupported_media_type"),
     ("html", b"<html><body><img src=x></body></html>", "text/html", 415, "unsupported_media_type"),
