@@ -70,6 +70,15 @@ def _png_rebuilt(png: bytes, ihdr_byte: int | None = None, value: int = 0, drop:
     return b"\x89PNG\r\n\x1a\n" + b"".join(_chunk(kind, bytes(data)) for kind, data in chunks)
 
 
+def _relabelled_arithmetic(jpeg: bytes) -> bytes:
+    """A baseline JPEG whose frame header (SOF0) says arithmetic coding (SOF9), as one corrupted byte does:
+    libjpeg then decodes its Huffman data without complaint, into noise."""
+    position = 2
+    while jpeg[position + 1] != 0xC0:  # walk the segments by their lengths to the frame header
+        position += 2 + struct.unpack(">H", jpeg[position + 2 : position + 4])[0]
+    return jpeg[: position + 1] + b"\xc9" + jpeg[position + 2 :]
+
+
 def _animated(fmt: str) -> bytes:
     frames = [Image.fromarray(np.full((100, 100, 3), v, np.uint8)) for v in (0, 200)]
     buffer = io.BytesIO()
@@ -158,6 +167,7 @@ CORPUS: list[tuple[str, bytes, str, int, str]] = [
     ("empty", b"", "image/jpeg", 400, "empty_upload"),
     ("truncated jpeg", JPEG[: len(JPEG) // 3], "image/jpeg", 422, "undecodable_image"),
     ("truncated png", PNG[: len(PNG) // 3], "image/png", 422, "undecodable_image"),
+    ("jpeg: arithmetic (SOF9)", _relabelled_arithmetic(JPEG), "image/jpeg", 415, "unsupported_image_type"),
     # Pillow decodes a bad IDAT CRC (flipped bits in the pixels) and a cut-off IEND without complaint; the
     # chunk check refuses all four before decoding.
     ("png: IDAT fails its CRC", _png_bad_idat_crc(PNG), "image/png", 422, "undecodable_image"),

@@ -109,6 +109,7 @@ _NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 # long run of 0xFF bytes (40 KB took 10 s).
 _FILL = re.compile(rb"\xff+")
 _FRAME_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7})  # SOFn and JPEG-LS SOF55
+_ARITHMETIC_FRAMES = frozenset({0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})  # SOF9-11, SOF13-15
 _STANDALONE_MARKERS = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})
 _JPEG_START = b"\xff\xd8"
 # PNG: Pillow streams IDAT data to zlib without checking the chunks' CRCs, and decodes an IHDR whose
@@ -170,7 +171,7 @@ class DecodedImage:
 def decode_upload(data: bytes, limits: DecodeLimits) -> DecodedImage:
     """Validate and decode an upload, refusing unsupported, oversized and animated images before decoding."""
     if data[:2] == _JPEG_START:  # before Pillow: its own header parser loops over every segment in Python
-        check_jpeg_scans(data)
+        check_jpeg_segments(data)
     elif data[:8] == _PNG_SIGNATURE:
         check_png_chunks(data)
     image = _open(data, limits.max_pixels)
@@ -223,8 +224,10 @@ def _check(image: Image.Image, limits: DecodeLimits) -> tuple[int, int, str]:
     return width, height, media_type
 
 
-def check_jpeg_scans(data: bytes) -> None:
-    """Refuse a JPEG whose first image has more than MAX_JPEG_SCANS scans, before decoding it.
+def check_jpeg_segments(data: bytes) -> None:
+    """Refuse a JPEG whose first image has more than MAX_JPEG_SCANS scans, or is arithmetic-coded, before
+    decoding it. Cameras and encoders write Huffman-coded JPEGs; an arithmetic-coded frame is almost always
+    a Huffman one relabelled by corruption, which libjpeg decodes without complaint into noise.
 
     Walks the marker segments by their lengths, so bytes inside an APPn segment (an EXIF thumbnail is a
     JPEG of its own, an ICC profile is anything) are never taken for markers; only the entropy-coded data
@@ -233,6 +236,11 @@ def check_jpeg_scans(data: bytes) -> None:
     would otherwise cost a Python loop per segment."""
     scans = 0
     for marker, _ in _jpeg_segments(data):
+        if marker in _ARITHMETIC_FRAMES:
+            raise UnsupportedImageType(
+                "arithmetic-coded JPEGs are not accepted (cameras write Huffman-coded ones); "
+                "save the photo again as a standard JPEG"
+            )
         if marker == 0xDA:
             scans += 1
             if scans > MAX_JPEG_SCANS:

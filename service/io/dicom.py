@@ -37,7 +37,7 @@ from service.io.decoding import (
     DecodedImage,
     DecodeLimits,
     UploadRejected,
-    check_jpeg_scans,
+    check_jpeg_segments,
     check_size,
     decode_upload,
     jpeg_frame_size,
@@ -396,7 +396,7 @@ def _check_jpeg_frame(frame: bytes, dataset: Dataset, *, check_scans: bool) -> N
             f"{declared[0]}x{declared[1]}; export the photo again"
         )
     if check_scans:
-        check_jpeg_scans(frame)
+        check_jpeg_segments(frame)
 
 
 def _decode_pixels(dataset: Dataset) -> np.ndarray:
