@@ -56,9 +56,10 @@ def _png_chunks(png: bytes) -> list[tuple[bytes, bytes]]:
 
 def _png_bad_idat_crc(png: bytes) -> bytes:
     """The PNG with its first IDAT chunk's CRC wrong: its pixels are what a flipped bit would give."""
+    at = png.index(b"IDAT")
+    (length,) = struct.unpack(">I", png[at - 4 : at])
     out = bytearray(png)
-    at = png.index(b"IDAT") + 4 + struct.unpack(">I", png[png.index(b"IDAT") - 4 : png.index(b"IDAT")])[0]
-    out[at] ^= 0xFF
+    out[at + 4 + length] ^= 0xFF  # the first byte of the CRC after the chunk's data
     return bytes(out)
 
 

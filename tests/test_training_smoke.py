@@ -85,7 +85,7 @@ def test_detector_then_quality_on_the_crops_its_fold_models_take(tmp_path: Path)
     assert len(choice["fold_stage_view"]) == 1
     view = choice["shipped"]["stage_view"]
     assert view in ("crop224", "crop112", "turns112")
-    assert manifest.extra["head_strengths"]["stage_view"] == view  # type: ignore[index]
+    assert manifest.extra["head_strengths"]["stage_view"].startswith(f"{view}: ")  # type: ignore[index]
     assert manifest.extra["backbone"]["pretrained"].startswith("ImageNet")  # type: ignore[index]
 
 

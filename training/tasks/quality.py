@@ -1119,10 +1119,8 @@ def report(args: argparse.Namespace) -> dict[str, Path]:
 
 def describe_stage_view(view: str) -> str:
     downscale, turns = STAGE_VIEWS[view]
-    side = SPEC.width // downscale
-    if turns == 1:
-        return f"the crop box-downscaled to {side} px"
-    return f"the crop box-downscaled to {side} px, the pooled top averaged over its {turns} quarter turns"
+    read = f"{view}: the crop box-downscaled to {SPEC.width // downscale} px"
+    return read if turns == 1 else f"{read}, the pooled top averaged over its {turns} quarter turns"
 
 
 def export(args: argparse.Namespace) -> export_step.ExportResult:
@@ -1170,8 +1168,7 @@ def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
             "head_strengths": {
                 "focus_c": shipped.get("focus_c"),
                 "stage_c": shipped.get("stage_c"),
-                "stage_view": shipped.get("stage_view", DEFAULT_STAGE_VIEW),
-                "stage_views_mean": {view: describe_stage_view(view) for view in STAGE_VIEWS},
+                "stage_view": describe_stage_view(shipped.get("stage_view", DEFAULT_STAGE_VIEW)),
                 "rule": summary.get("strength_choice", {}).get("rule"),
             },
             "backbone": {
