@@ -36,7 +36,7 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 # the service serves at /capture/. Rebuilt when a source or the lock file changes; npm installs exactly the
 # lock file's versions. Without npm, `make serve` still serves the API and /capture/ says how to build it.
 WEB_BUILD := service/web/static/build.json
-WEB_SOURCES := $(wildcard web/src/*.ts web/public/*) web/build.mjs web/package-lock.json web/tsconfig.json
+WEB_SOURCES := $(wildcard web/src/*.ts web/src/*/*.ts web/public/*) web/build.mjs web/package-lock.json web/tsconfig.json
 WEB_MODULES := web/node_modules/.package-lock.json
 
 $(WEB_MODULES): web/package-lock.json

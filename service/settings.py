@@ -168,6 +168,11 @@ class Settings(BaseSettings):
     )
 
     # Decision rules that are product choices rather than model properties.
+    cervix_typicality_gate: bool = Field(
+        default=True,
+        description="also ask for a recapture when the photo is unlike every cervix photo the detector "
+        "learned from (its manifest's cervix_distance threshold); turn off only to try a new device's photos",
+    )
     focus_operating_point: Literal["balanced", "high_sensitivity"] = Field(
         default="balanced",
         description="which 'not sharp' threshold of the quality manifest to use (see README)",

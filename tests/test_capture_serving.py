@@ -105,6 +105,8 @@ def test_the_device_gate_gets_its_models_rules_and_words(client: TestClient) -> 
         assert len(onnx.content) == model["bytes"] and model["sha256"] in model["model_url"]
     assert gate["rules"]["focus_threshold"] == "not_sharp_balanced"
     assert gate["rules"]["min_cervix_crop_px"] == 192  # the quality manifest's min_cervix_px
+    detector = client.get(gate["models"][0]["manifest_url"]).json()
+    assert gate["rules"]["max_cervix_distance"] == detector["thresholds"]["cervix_distance"]
     assert gate["rules"]["tissue_sample_pixels"] == measures.MAX_SAMPLED_PIXELS
     assert set(gate["messages"]) == set(gate["advice"]) == {"en", "es", "fr", "pt", "sw"}
     for language in gate["messages"]:

@@ -115,8 +115,12 @@ def test_detector_tells_held_out_synthetic_scenes_with_and_without_a_cervix() ->
     for seed in held_out_synthetic_seeds("detector", 30):
         scene = generate_scene(seed, SYNTHETIC_SIZE)
         tensor, _ = prepare(scene.image, manifest.input)
-        (logit, _box) = session.run(None, {manifest.input.name: tensor})
-        called = 1 / (1 + np.exp(-logit[0, 0])) >= manifest.thresholds["cervix_present"]
+        names = [output.name for output in session.get_outputs()]
+        out = dict(zip(names, session.run(None, {manifest.input.name: tensor}), strict=True))
+        # The service's rule: the presence score at its threshold and a typical photo (2.2.0's distance).
+        score = 1 / (1 + np.exp(-out["cervix_logit"][0, 0]))
+        typical = out["cervix_distance"][0, 0] <= manifest.thresholds["cervix_distance"]
+        called = score >= manifest.thresholds["cervix_present"] and typical
         correct[scene.labels.cervix_present].append(called == scene.labels.cervix_present)
     # Scored per group: 24 of the 30 scenes have a cervix, so "always present" alone would reach 0.8.
     assert len(correct[False]) >= 3

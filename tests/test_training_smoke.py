@@ -68,6 +68,11 @@ def test_detector_then_quality_on_the_crops_its_fold_models_take(tmp_path: Path)
     detector = train_evaluate_export("detector", tmp_path)
     assert detector["real_split"].startswith("real-gkf5-s0")
     assert (tmp_path / "runs" / "detector" / "fold_heads.npz").is_file()
+    # The typicality gate is chosen nested beside the threshold and reaches the manifest as a threshold.
+    assert len(detector["fold_max_distances"]) == 1
+    thresholds = read_manifest(tmp_path / "models" / "detector").thresholds
+    assert set(thresholds) == {"cervix_present", "cervix_distance"}
+    assert set(detector["typicality_adds"]["as_taken"]) >= {"rejection_presence_alone", "rejection_both"}
     quality = train_evaluate_export(
         "quality", tmp_path, "--detector-run", str(tmp_path / "runs" / "detector")
     )

@@ -523,6 +523,7 @@ class AssessmentService:
                 found=a.detection.found,
                 score=round(a.detection.score, 4),
                 box=[round(v) for v in a.detection.box] if a.detection.box else None,
+                distance=None if a.detection.distance is None else round(a.detection.distance, 4),
             ),
             quality=None
             if q is None

@@ -36,6 +36,8 @@ class Rules:
     min_area_fraction: float
     min_crop_px: int
     cut_off_max_extent: float
+    # A cervix photo is also typical: the detector's cervix_distance at most this (None: not checked).
+    cervix_distance: float | None = None
     stage_labels: tuple[str, ...] = ("acetic", "saline", "iodine", "green")
     blur_labels: tuple[str, ...] = ("none", "defocus", "motion")
 
@@ -69,6 +71,7 @@ class Rules:
             min_area_fraction=settings.min_cervix_area_fraction,
             min_crop_px=min_crop_px,
             cut_off_max_extent=settings.cut_off_max_extent,
+            cervix_distance=_max_cervix_distance(models.detector.manifest, settings),
             stage_labels=_labels(models.quality.manifest, "stage_logits", get_args(StageName), ACETIC),
             blur_labels=_labels(models.quality.manifest, "blur_kind_logits", get_args(BlurKind)),
         )
@@ -95,6 +98,20 @@ def _labels(manifest: Manifest, output: str, allowed: tuple[str, ...], *required
             + f"; re-export it with `python -m training export {manifest.name}`"
         )
     return labels
+
+
+def _max_cervix_distance(detector: Manifest, settings: Settings) -> float | None:
+    """The typicality threshold, when the detector has one (2.2.0 on) and the gate is on; a threshold
+    without the output it applies to is a broken export, refused at start-up."""
+    threshold = detector.thresholds.get("cervix_distance")
+    if threshold is None or not settings.cervix_typicality_gate:
+        return None
+    if "cervix_distance" not in {output.name for output in detector.outputs}:
+        raise ModelConfigurationError(
+            "the detector manifest has a cervix_distance threshold but no cervix_distance output: "
+            "re-export it with `python -m training export detector`"
+        )
+    return threshold
 
 
 def _min_crop_px(quality: Manifest, configured: int | None) -> int:

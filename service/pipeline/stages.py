@@ -42,6 +42,7 @@ class Detection:
     found: bool
     score: float
     box: Box | None  # x0, y0, x1, y1 in pixels of the upright original image
+    distance: float | None = None  # to the cervix training photos; None: the model has no such output
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,9 @@ class Pipeline:
     # --- stages ------------------------------------------------------------------------------------
 
     def detect(self, image: DecodedImage) -> Detection:
-        return detect_cervix(self.models.detector, image, self.rules.cervix_present)
+        return detect_cervix(
+            self.models.detector, image, self.rules.cervix_present, self.rules.cervix_distance
+        )
 
     def unseen_cervix_reason(self, rgb: np.ndarray) -> Reason:
         """Why no cervix was found: a photo too dark or too bright to show one is a lighting problem,
@@ -240,13 +243,19 @@ class RunsModel(Protocol):
     def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
-def detect_cervix(model: RunsModel, image: DecodedImage, threshold: float) -> Detection:
-    """The detector on the whole decoded photo; the box in pixels of the upright original."""
+def detect_cervix(
+    model: RunsModel, image: DecodedImage, threshold: float, max_distance: float | None = None
+) -> Detection:
+    """The detector on the whole decoded photo; the box in pixels of the upright original. With
+    `max_distance`, a photo further than that from every cervix photo the model learned from is no cervix
+    photo whatever its score (the presence head only knows the negatives it was shown)."""
     tensor, placement = prepare(image.rgb, model.manifest.input)
     outputs = model.run(tensor)
     score = float(_sigmoid(outputs["cervix_logit"][0, 0]))
-    if score < threshold:
-        return Detection(found=False, score=score, box=None)
+    distance = float(outputs["cervix_distance"][0, 0]) if "cervix_distance" in outputs else None
+    atypical = max_distance is not None and (distance is None or distance > max_distance)
+    if score < threshold or atypical:
+        return Detection(found=False, score=score, box=None, distance=distance)
     spec = model.manifest.input
     cx, cy, w, h = (float(v) for v in outputs["box"][0])
     in_input = ((cx - w / 2) * spec.width, (cy - h / 2) * spec.height,
@@ -255,8 +264,8 @@ def detect_cervix(model: RunsModel, image: DecodedImage, threshold: float) -> De
     width, height = image.original_size
     box = (max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1))
     if box[2] - box[0] < 1 or box[3] - box[1] < 1:  # a degenerate box is no cervix to crop
-        return Detection(found=False, score=score, box=None)
-    return Detection(found=True, score=score, box=box)
+        return Detection(found=False, score=score, box=None, distance=distance)
+    return Detection(found=True, score=score, box=box, distance=distance)
 
 
 def check_quality(model: RunsModel, crop_rgb: np.ndarray, rules: Rules) -> Quality:

@@ -32,6 +32,10 @@ class GateRulesOut(BaseModel):
     """The product settings the service's decision rules add to the manifests' thresholds."""
 
     focus_threshold: str = Field(description="which quality-manifest threshold means 'not sharp'")
+    max_cervix_distance: float | None = Field(
+        description="a photo whose detector cervix_distance is above this is no cervix photo; null: not "
+        "checked (a detector without the output, or CERVIGATE_CERVIX_TYPICALITY_GATE=false)"
+    )
     min_cervix_area_fraction: float
     min_cervix_crop_px: int
     cut_off_max_extent: float
@@ -65,6 +69,7 @@ def gate_bundle(manifests: dict[str, Manifest], sizes: dict[str, int], rules: Ru
         models=models,
         rules=GateRulesOut(
             focus_threshold=focus,
+            max_cervix_distance=rules.cervix_distance,
             min_cervix_area_fraction=rules.min_area_fraction,
             min_cervix_crop_px=rules.min_crop_px,
             cut_off_max_extent=rules.cut_off_max_extent,

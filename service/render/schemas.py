@@ -23,6 +23,14 @@ class CervixOut(BaseModel):
     box: list[int] | None = Field(
         default=None, description="x0, y0, x1, y1 in pixels of the upright original image"
     )
+    distance: float | None = Field(
+        default=None,
+        ge=0,
+        le=2,
+        description="how unlike the photo is to every cervix photo the detector learned from (1 - cosine "
+        "similarity of its features); above the detector's cervix_distance threshold the photo is no "
+        "cervix photo whatever its score. Null with a detector that has no such output",
+    )
 
 
 class QualityOut(BaseModel):

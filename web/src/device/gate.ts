@@ -22,6 +22,7 @@ interface GateInfo {
   models: { name: string; version: string; sha256: string; bytes: number; manifest_url: string; model_url: string }[];
   rules: {
     focus_threshold: string;
+    max_cervix_distance: number | null;
     min_cervix_area_fraction: number;
     min_cervix_crop_px: number;
     cut_off_max_extent: number;
@@ -141,7 +142,11 @@ export class DeviceGate {
   private async detect(image: Rgb): Promise<{ score: number; box: [number, number, number, number] | null }> {
     const { outputs, placement } = await this.run(this.detector, image);
     const score = sigmoid((outputs.cervix_logit.data as Float32Array)[0]);
-    if (score < this.detector.manifest.thresholds.cervix_present) return { score, box: null };
+    // Typicality, as the service: unlike every cervix photo the detector learned from is no cervix photo.
+    const maxDistance = this.info.rules.max_cervix_distance;
+    const distance = outputs.cervix_distance ? (outputs.cervix_distance.data as Float32Array)[0] : null;
+    const atypical = maxDistance !== null && (distance === null || distance > maxDistance);
+    if (score < this.detector.manifest.thresholds.cervix_present || atypical) return { score, box: null };
     const spec = this.detector.manifest.input;
     const [cx, cy, w, h] = Array.from(outputs.box.data as Float32Array);
     const inInput = [(cx - w / 2) * spec.width, (cy - h / 2) * spec.height, (cx + w / 2) * spec.width, (cy + h / 2) * spec.height];
