@@ -199,6 +199,7 @@ def test_metadata_is_compared_dim_by_dim() -> None:
         "outputs": [
             {"name": "cervix_logit", "datatype": "FP32", "shape": [-1, 1]},
             {"name": "box", "datatype": "FP32", "shape": [-1, 4]},
+            {"name": "cervix_distance", "datatype": "FP32", "shape": [-1, 1]},
         ],
     }
     assert metadata_mismatches(manifest, served) == []
@@ -207,6 +208,6 @@ def test_metadata_is_compared_dim_by_dim() -> None:
     del served["outputs"][0]
     assert metadata_mismatches(manifest, served) == [
         "image has shape [-1, 3, 224, 224], the manifest ['batch', 3, 192, 192]",
-        "no output 'cervix_logit' (it has ['box'])",
+        "no output 'cervix_logit' (it has ['box', 'cervix_distance'])",
         "box is FP16, not FP32",
     ]

@@ -180,7 +180,10 @@ def test_iodine_photo_is_not_acetic(client: TestClient, atlas_root: Path) -> Non
 def test_photo_without_a_cervix(client: TestClient, name: str) -> None:
     body = _post(client, make.encode(getattr(skimage.data, name)()[..., :3]))
     assert _codes(body) == ["no_cervix"]
-    assert body["cervix"] == {"found": False, "score": body["cervix"]["score"], "box": None}
+    cervix = body["cervix"]
+    assert cervix == {"found": False, "score": cervix["score"], "box": None, "distance": cervix["distance"]}
+    # How unlike every learned cervix view the photo is: 1 - cosine similarity, so within [0, 2].
+    assert isinstance(cervix["distance"], float) and 0.0 <= cervix["distance"] <= 2.0
     assert body["quality"] is None
 
 

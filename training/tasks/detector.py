@@ -214,6 +214,7 @@ def features_of(fx: FeatureExtractor, fitted: np.ndarray, desc: str) -> np.ndarr
 # negatives it was shown; the distance also sends back what is unlike every cervix photo, negatives it
 # was never shown among them. Fixed before it was measured, as the gate's keep share (--typical-keep).
 NEIGHBOUR_K = 5
+MAX_COSINE_DISTANCE = 2.0  # a threshold there lets every photo through
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -241,7 +242,7 @@ class NeighbourBank:
 
 def distance_for_keep(distances: np.ndarray, keep: float) -> float:
     """The distance below which `keep` of these cervix views lie."""
-    return float(np.quantile(distances, keep)) if len(distances) else float("inf")
+    return float(np.quantile(distances, keep)) if len(distances) else MAX_COSINE_DISTANCE
 
 
 @dataclass
@@ -370,7 +371,9 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         threshold_for_recall(np.concatenate(outer_scores), args.target_recall) if held_out else 0.5
     )
     final_max_distance = (
-        distance_for_keep(np.concatenate(outer_distances), args.typical_keep) if held_out else float("inf")
+        distance_for_keep(np.concatenate(outer_distances), args.typical_keep)
+        if held_out
+        else MAX_COSINE_DISTANCE
     )
     heads = fit_heads(np.concatenate([real_feats, pool_feats]), concat(real_views, train_pool), args)
     synthetic_test = _score_set(heads, test_feats["synthetic_test"], test["synthetic_test"])
@@ -839,7 +842,7 @@ def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
         outputs=OUTPUTS,
         thresholds={
             "cervix_present": float(summary.get("threshold", 0.5)),
-            "cervix_distance": float(summary.get("max_distance", 2.0)),  # 2: the largest cosine distance
+            "cervix_distance": float(summary.get("max_distance", MAX_COSINE_DISTANCE)),
         },
         extra={
             "box_format": "cx, cy, w, h in 0..1 of the model input; undo the letterbox to get pixels",
@@ -863,10 +866,11 @@ def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
             "synthetic scenes (boxes) and 45 real non-cervix photos from seven packages (plus the atlas' two "
             "vulva photos), each also redrawn as other devices "
             "would take it; the backbone is ImageNet's. Boxes of real photos are coarse. Real phone "
-            "photos were not available for training or evaluation here. The typicality gate sends back what is "
-            "unlike every atlas photo and device look it learned from: a colposcope whose photos look unlike "
-            "all of them would be sent back too (the service's CERVIGATE_CERVIX_TYPICALITY_GATE=false turns "
-            "the gate off while such photos are collected). The fold detectors that crop for the crop-level "
+            "photos were not available for training or evaluation here. The typicality gate sends back "
+            "what is unlike every atlas photo and device look it learned from: a colposcope whose photos "
+            "look unlike all of them would be sent back too (the service's "
+            "CERVIGATE_CERVIX_TYPICALITY_GATE=false turns the gate off while such photos are collected). "
+            "The fold detectors that crop for the crop-level "
             "tasks' figures have no gate (each would need its own bank)."
         ),
         changelog=[
