@@ -204,7 +204,9 @@ def test_a_diagnosis_as_fhir(client: TestClient, photo: bytes) -> None:
     observations = {o["code"]["coding"][0]["code"]: o for o in _resources(body, "Observation")}
     assert observations["cin2plus-probability"]["valueQuantity"]["value"] == plain["diagnosis"]["probability"]
     assert observations["focus"]["valueQuantity"]["value"] == plain["quality"]["sharpness"]
-    assert observations["exam-stage"]["valueCodeableConcept"]["coding"][0]["code"] == "acetic"
+    stage = observations["exam-stage"]["valueCodeableConcept"]["coding"][0]
+    assert stage == {"system": fhir.CG_STAGE, "code": plain["quality"]["exam_stage"],
+                     "display": fhir.STAGES[plain["quality"]["exam_stage"]]}  # fmt: skip
     assert all(o["subject"] == {"reference": "Patient/p1"} for o in observations.values())
     (media,) = _resources(body, "Media")
     assert media["content"]["contentType"] == "image/jpeg" and media["content"]["size"] == len(photo)

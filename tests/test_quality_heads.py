@@ -7,9 +7,11 @@ import pytest
 
 from training.tasks.quality import (
     EXAM_STAGES,
+    LinearHead,
     Pools,
     StageCandidate,
     _consistency,
+    _fit_stage,
     choose,
     get_args_parser,
     not_acetic_threshold,
@@ -56,7 +58,8 @@ def _args(*extra: str):
 
 
 def test_the_strength_with_the_best_inner_figure_is_chosen(pools: Pools) -> None:
-    args = _args("--focus-c", "0.0001", "100", "--stage-c", "0.0001", "10")
+    only = ("--stage-weighting", "none", "--stage-synthetic", "with")
+    args = _args("--focus-c", "0.0001", "100", "--stage-c", "0.0001", "10", *only)
     choice = choose(pools, {0}, [1, 2, 3], args)
     figures, flagged = choice.focus_specificity, choice.stage_flagged
     assert set(figures) == {0.0001, 100.0}
@@ -67,6 +70,54 @@ def test_the_strength_with_the_best_inner_figure_is_chosen(pools: Pools) -> None
     assert choice.strengths.focus == max(figures, key=lambda c: figures[c])
     assert choice.strengths.stage == max(flagged, key=lambda k: flagged[k])
     assert choice.strengths.stage.view == "turns112"
+
+
+def test_weightings_and_pools_are_candidates_beside_views_and_strengths(pools: Pools) -> None:
+    choice = choose(pools, {0}, [1, 2, 3], _args("--stage-c", "0.01"))
+    assert set(choice.stage_flagged) == {
+        StageCandidate(v, 0.01, w, s)
+        for v in ("crop224", "turns112")
+        for w in ("none", "balanced")
+        for s in (True, False)
+    }
+    assert choice.strengths.stage == max(choice.stage_flagged, key=lambda k: choice.stage_flagged[k])
+
+
+def test_a_real_only_stage_head_never_sees_a_synthetic_crop(pools: Pools) -> None:
+    """Synthetic crops whose stage features are pure noise change a head fitted with them, and must not
+    change one fitted without them."""
+    feats, labels = pools.training({0})
+    assert labels["real"].sum() == (FOLDS - 1) * PER_FOLD and (~labels["real"]).sum() == 60
+    noisy = {
+        k: np.where(labels["real"][:, None], v, 50 * np.random.default_rng(1).normal(size=v.shape)).astype(
+            v.dtype
+        )
+        for k, v in feats.items()
+    }
+    real_only, with_synthetic = (
+        StageCandidate("crop224", 1.0, synthetic=False),
+        StageCandidate("crop224", 1.0),
+    )
+    probe = feats["pooled_crop224"][:20]
+    np.testing.assert_allclose(
+        _fit_stage(noisy, labels, real_only).proba(probe), _fit_stage(feats, labels, real_only).proba(probe)
+    )
+    assert not np.allclose(
+        _fit_stage(noisy, labels, with_synthetic).proba(probe),
+        _fit_stage(feats, labels, with_synthetic).proba(probe),
+    )
+
+
+def test_a_balanced_head_weighs_the_rare_stage_up() -> None:
+    """With acetic crops nine in ten, weighing each stage alike must raise the rare stage's probability."""
+    rng = np.random.default_rng(5)
+    stage = (rng.random(2000) < 0.1).astype(int)
+    x = rng.normal(size=(2000, 5))
+    x[:, 0] += 0.8 * stage
+    plain, balanced = LinearHead.fit(x, stage, 1.0), LinearHead.fit(x, stage, 1.0, "balanced")
+    rare = stage == 1
+    assert balanced.proba(x[rare])[:, 1].mean() > plain.proba(x[rare])[:, 1].mean() + 0.2
+    assert balanced.proba(x)[:, 1].mean() == pytest.approx(0.5, abs=0.1)  # what "alike" means
 
 
 def test_the_outer_fold_never_informs_the_choice(pools: Pools) -> None:
@@ -114,3 +165,26 @@ def test_decision_consistency_names_the_check_that_flips() -> None:
     assert by_reason["not_sharp"]["all_transforms"] == 0.5  # type: ignore[index]
     assert by_reason["not_acetic"]["all_transforms"] == 1.0  # type: ignore[index]
     assert by_reason["exposure_or_glare"]["rotate90"] == 1.0  # type: ignore[index]
+
+
+def test_stage_variants_score_each_outer_fold_with_its_own_nested_head() -> None:
+    from training.stage_variants import describe, flagged_and_scores
+
+    rng = np.random.default_rng(11)
+    saved: dict[str, np.ndarray] = {}
+    for pool, n in (("real", FOLDS * PER_FOLD), ("synthetic", 60), ("served", FOLDS * 40)):
+        feats, labels = _pool(rng, n)
+        feats["pooled_crop224"][:, 0] += 2.0 * (labels["stage"] == 0)  # a clear stage signal here
+        saved |= {f"{pool}.{k}": v for k, v in (feats | labels).items() if k != "pooled_turns112"}
+    saved["real_fold"] = np.repeat(np.arange(FOLDS), PER_FOLD)
+    saved["served_fold"] = np.repeat(np.arange(FOLDS), 40)
+    saved["served_photo"] = np.repeat(np.arange(FOLDS * 20), 2)  # each photo as taken and turned
+    saved["served_transform"] = np.tile(["as_taken", "rotate90"], FOLDS * 20)
+    saved["served_variant"] = np.zeros(FOLDS * 40, int)
+    flagged, p_acetic = flagged_and_scores(saved, ["--stage-weighting", "none", "--stage-synthetic", "with"])
+    acetic = saved["served.stage"] == 0
+    # Column 0 tells acetic crops apart: the nested threshold flags few of them and most of the others.
+    assert flagged[acetic].mean() < 0.25 < 0.5 < flagged[~acetic].mean()
+    assert p_acetic[acetic].mean() > p_acetic[~acetic].mean()
+    line = describe(saved, flagged, p_acetic)
+    assert "flagged as taken" in line and f"of {FOLDS * 20} photos" in line

@@ -141,10 +141,41 @@ def test_an_exam_view_of_another_stage_is_not_sent_back_for_not_acetic() -> None
     ],
 )
 def test_the_shown_stage_uses_the_not_acetic_threshold(p_acetic: float, other: str, expected: str) -> None:
-    from dataclasses import replace
+    assert shown_stage(p_acetic, other, RULES) == expected  # RULES.not_acetic is 0.2
 
-    quality = replace(GOOD, p_acetic=p_acetic, likeliest_other_stage=other)
-    assert shown_stage(quality, RULES) == expected  # RULES.not_acetic is 0.2
+
+class _StageModel:
+    """The shipped quality manifest's input, with stage probabilities of our choosing."""
+
+    def __init__(self, stage_p: list[float]) -> None:
+        from pathlib import Path
+
+        from service.inference.manifest import read_manifest
+
+        self.manifest = read_manifest(Path(__file__).parents[1] / "models" / "quality", verify=False)
+        self.stage_p = np.array([stage_p], np.float32)
+
+    def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            "sharp_logit": np.array([[4.0]], np.float32),
+            "blur_kind_logits": np.array([[2.0, 0.0, 0.0]], np.float32),
+            "stage_logits": np.log(self.stage_p),
+        }
+
+
+@pytest.mark.parametrize(
+    ("stage_p", "expected"),
+    [([0.4, 0.1, 0.05, 0.45], "acetic"), ([0.15, 0.1, 0.05, 0.7], "green"), ([0.1, 0.2, 0.6, 0.1], "iodine")],
+)
+def test_an_answer_shows_the_stage_its_not_acetic_rule_sees(stage_p: list[float], expected: str) -> None:
+    """Green is likeliest in the first, but P(acetic) 0.4 passes the 0.2 threshold: the photo is accepted,
+    so its answer must not say "green"."""
+    from service.pipeline.stages import check_quality
+
+    crop = np.full((300, 300, 3), 140, np.uint8)
+    quality = check_quality(_StageModel(stage_p), crop, RULES)
+    assert quality.exam_stage == expected
+    assert (Reason.NOT_ACETIC in quality_reasons(quality, RULES)) == (expected != "acetic")
 
 
 def _jpeg(width: int, height: int, **options: object) -> bytes:

@@ -91,6 +91,14 @@ def test_detector_then_quality_on_the_crops_its_fold_models_take(tmp_path: Path)
     view = choice["shipped"]["stage_view"]
     assert view in ("crop224", "crop112", "turns112")
     assert manifest.extra["head_strengths"]["stage_view"].startswith(f"{view}: ")  # type: ignore[index]
+    # So are the stage head's class weighting and training pool, and the manifest records the shipped ones.
+    assert len(choice["fold_stage_weighting"]) == 1
+    weighting = choice["shipped"]["stage_weighting"]
+    assert weighting in ("none", "balanced")
+    assert manifest.extra["head_strengths"]["stage_weighting"] == weighting  # type: ignore[index]
+    synthetic = choice["shipped"]["stage_synthetic"]
+    assert len(choice["fold_stage_synthetic"]) == 1 and isinstance(synthetic, bool)
+    assert manifest.extra["head_strengths"]["stage_synthetic_crops"] is synthetic  # type: ignore[index]
     assert manifest.extra["backbone"]["pretrained"].startswith("ImageNet")  # type: ignore[index]
 
 

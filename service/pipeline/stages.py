@@ -53,7 +53,7 @@ class Quality:
     exposure: str  # ok | dark | over
     luma: float
     glare_fraction: float
-    exam_stage: str  # the likeliest stage
+    exam_stage: str  # rules.shown_stage: acetic unless not_acetic flags it, else the likeliest other stage
     p_acetic: float
     likeliest_other_stage: str  # the likeliest stage other than acetic acid
 
@@ -151,7 +151,7 @@ class Pipeline:
             early_segment = self.spare.try_submit(lambda: _timed_call(self.segment, crop_rgb))
         with _timed(timings, "quality"):
             result.quality = self.check_quality(crop_rgb)
-        result.stage = stage or shown_stage(result.quality, self.rules)
+        result.stage = stage or result.quality.exam_stage
         found = quality_reasons(result.quality, self.rules, expect_acetic=stage == ACETIC)
         result.reasons = ordered(set(result.reasons) | found)
         if not result.reasons and diagnose and result.stage in (SALINE, IODINE):
@@ -275,6 +275,7 @@ def check_quality(model: RunsModel, crop_rgb: np.ndarray, rules: Rules) -> Quali
     sharpness = float(_sigmoid(outputs["sharp_logit"][0, 0]))
     stage_p = _softmax(outputs["stage_logits"][0])
     acetic = rules.stage_labels.index(ACETIC)
+    other = rules.stage_labels[int(np.argmax(_without(stage_p, acetic)))]
     tissue = measures.measure_tissue(crop_rgb, rules.exposure)
     return Quality(
         sharpness=sharpness,
@@ -283,9 +284,9 @@ def check_quality(model: RunsModel, crop_rgb: np.ndarray, rules: Rules) -> Quali
         exposure=tissue.exposure,
         luma=tissue.luma,
         glare_fraction=tissue.glare_fraction,
-        exam_stage=rules.stage_labels[int(np.argmax(stage_p))],
+        exam_stage=shown_stage(float(stage_p[acetic]), other, rules),
         p_acetic=float(stage_p[acetic]),
-        likeliest_other_stage=rules.stage_labels[int(np.argmax(_without(stage_p, acetic)))],
+        likeliest_other_stage=other,
     )
 
 

@@ -40,7 +40,10 @@ class QualityOut(BaseModel):
     )
     exposure: Literal["ok", "dark", "over"]
     glare_fraction: float = Field(ge=0, le=1, description="clipped-white share of the central tissue")
-    exam_stage: StageName = Field(description="the quality model's likeliest exam stage")
+    exam_stage: StageName = Field(
+        description="the exam stage the quality model sees: acetic unless its not_acetic rule flags the "
+        "photo, else the likeliest other stage (so an accepted photo is always acetic)"
+    )
 
 
 class LesionOut(BaseModel):
@@ -195,7 +198,7 @@ EXAMPLE_ASSESSMENT = {
     "decision": "recapture",
     "reasons": [{"code": "out_of_focus", "message": "The cervix is out of focus."}],
     "advice": "Tap the screen on the cervix to focus, hold the phone still, and take the photo again.",
-    "cervix": {"found": True, "score": 0.98, "box": [212, 140, 598, 470]},
+    "cervix": {"found": True, "score": 0.98, "box": [212, 140, 598, 470], "distance": 0.64},
     "quality": {
         "sharpness": 0.12,
         "blur_kind": "defocus",
@@ -205,7 +208,7 @@ EXAMPLE_ASSESSMENT = {
     },
     "lesion": None,
     "diagnosis": None,
-    "models": {"detector": "2.1.0", "quality": "3.2.0", "segmenter": "2.0.0", "severity": "2.1.0"},
+    "models": {"detector": "2.2.0", "quality": "3.3.0", "segmenter": "2.0.0", "severity": "2.1.0"},
     "timings_ms": {"decode": 3.1, "detect": 2.6, "quality": 6.0, "total": 12.2},
 }
 
@@ -231,6 +234,6 @@ EXAMPLE_EXAM = {
     "diagnosis": {"label": "negative_or_cin1", "probability": 0.12, "referral": False,
                   "method": "logistic_on_stage_means_of_photo_measures", "photos_used": [0, 1]},
     "contact_sheet_jpeg": None,
-    "models": {"detector": "2.1.0", "quality": "3.2.0", "segmenter": "2.0.0", "severity": "2.1.0"},
+    "models": {"detector": "2.2.0", "quality": "3.3.0", "segmenter": "2.0.0", "severity": "2.1.0"},
     "timings_ms": {"total": 240.5},
 }  # fmt: skip

@@ -168,14 +168,20 @@ export class DeviceGate {
     const stageP = softmax(Array.from(outputs.stage_logits.data as Float32Array));
     const blur = blurs[argmax(Array.from(outputs.blur_kind_logits.data as Float32Array))];
     const tissue = this.measureTissue(cropped);
+    const acetic = stages.indexOf("acetic");
+    const pAcetic = stageP[acetic];
+    // As rules.shown_stage: acetic acid unless the not_acetic rule flags the photo, so that an accepted
+    // photo never shows another stage.
+    const others = stageP.map((p, i) => (i === acetic ? -1 : p));
+    const examStage = pAcetic >= manifest.thresholds.not_acetic ? "acetic" : stages[argmax(others)];
     return {
       sharpness,
       not_sharp: 1 - sharpness >= manifest.thresholds[this.info.rules.focus_threshold],
       blur_kind: blur,
       exposure: tissue.exposure,
       glare_fraction: tissue.glare,
-      exam_stage: stages[argmax(stageP)],
-      p_acetic: stageP[stages.indexOf("acetic")],
+      exam_stage: examStage,
+      p_acetic: pAcetic,
     };
   }
 

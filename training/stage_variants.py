@@ -1,0 +1,93 @@
+"""Exam-stage head variants compared offline on a quality run's saved features (`--save-features`).
+
+Each variant restricts the stage head's candidates (class weighting, with or without synthetic crops), is
+chosen and thresholded nested exactly as the quality task does, and is scored on the outer folds' served
+crops: the share of each stage flagged not acetic (as taken, and on the clean photos only), the ROC-AUC of
+P(acetic) against saline and against green-filter crops, and how often a clean photo's flag holds under every
+suite transform. A comparison for the report, not a selection: the task's own nested rule picks the variant.
+
+    python -m training.stage_variants --run-dir runs/quality
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from training.tasks.quality import EXAM_STAGES, Pools, choose, fit_heads, get_args_parser, predict
+
+UNWEIGHTED = ("--stage-weighting", "none")
+VARIANTS = {
+    "with synthetic, unweighted (3.2.0's candidates)": [*UNWEIGHTED, "--stage-synthetic", "with"],
+    "real only, unweighted": [*UNWEIGHTED, "--stage-synthetic", "without"],
+    "every candidate (the task's default)": [],
+}
+FEATURES = ("focus", "pooled_crop224")
+
+
+def _split(saved: dict[str, np.ndarray], pool: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    prefix = f"{pool}."
+    named = {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)}
+    feats = {k: v for k, v in named.items() if k in FEATURES}
+    return feats, {k: v for k, v in named.items() if k not in feats}
+
+
+def flagged_and_scores(saved: dict[str, np.ndarray], extra: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per served crop: flagged not acetic by its outer fold's nested head and threshold, and P(acetic)."""
+    pools = Pools(*_split(saved, "real"), saved["real_fold"], *_split(saved, "synthetic"))
+    served, _ = _split(saved, "served")
+    # The focus heads do not touch the stage figures: one strength keeps the refits quick.
+    args = get_args_parser().parse_args(["--output-dir", "unused", "--focus-c", "30", *extra])
+    folds = sorted(set(saved["real_fold"].tolist()))
+    flagged = np.zeros(len(saved["served_fold"]), bool)
+    p_acetic = np.zeros(len(flagged))
+    for fold in folds:
+        choice = choose(pools, {fold}, [k for k in folds if k != fold], args)
+        heads = fit_heads(*pools.training({fold}), choice.strengths)
+        rows = saved["served_fold"] == fold
+        p = predict(heads, {k: v[rows].astype(np.float32) for k, v in served.items()})["p_stage"][:, 0]
+        p_acetic[rows], flagged[rows] = p, p < choice.thresholds["not_acetic"]
+    return flagged, p_acetic
+
+
+def describe(saved: dict[str, np.ndarray], flagged: np.ndarray, p_acetic: np.ndarray) -> str:
+    stage, transform, variant = saved["served.stage"], saved["served_transform"], saved["served_variant"]
+    as_taken = transform == "as_taken"
+
+    def shares(rows: np.ndarray) -> str:
+        return " / ".join(f"{100 * flagged[rows & (stage == k)].mean():.1f}" for k in range(len(EXAM_STAGES)))
+
+    aucs = []
+    for other in ("saline", "green"):
+        rows = as_taken & np.isin(stage, [0, EXAM_STAGES.index(other)])
+        aucs.append(f"{roc_auc_score(stage[rows] == 0, p_acetic[rows]):.3f}")
+    clean = variant == 0
+    n_transforms = len(np.unique(transform))
+    held = [
+        len(np.unique(flagged[rows])) == 1
+        for photo in np.unique(saved["served_photo"][clean])
+        if len(np.unique(transform[rows := clean & (saved["served_photo"] == photo)])) == n_transforms
+    ]
+    return (
+        f"{'/'.join(EXAM_STAGES)} flagged as taken {shares(as_taken)} %, clean {shares(as_taken & clean)} %; "
+        f"ROC-AUC acetic vs saline / green {' / '.join(aucs)}; flag unchanged under every transform "
+        f"{100 * np.mean(held):.1f} % of {len(held)} photos"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/quality"))
+    run_dir = parser.parse_args(argv).run_dir
+    saved = dict(np.load(run_dir / "features.npz", allow_pickle=False))
+    for name, extra in VARIANTS.items():
+        print(f"{name}: {describe(saved, *flagged_and_scores(saved, extra))}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
