@@ -100,13 +100,12 @@ MARKS_BEFORE, MARKS_AFTER = 0.25, 0.15
 # run tries crop224 alone unless asked; the other views stay for the experiment (training/README.md).
 STAGE_VIEWS = {"crop224": (2, 1), "crop112": (4, 1), "turns112": (4, 4)}
 DEFAULT_STAGE_VIEW = "crop224"
-# Acetic-acid crops outnumber saline ones about 2.6 to 1 in the atlas, and an unweighted fit spends its
-# capacity on the majority: the threshold that keeps acetic recaptures at 10 % then flags few saline crops.
-# "balanced" weighs each stage alike (scikit-learn's class_weight); whether that helps is chosen nested.
+# Two more choices for the stage head, both made nested with its strength (`--stage-weighting`,
+# `--stage-synthetic`). Acetic-acid crops outnumber saline ones about 2.6 to 1 in the atlas, and an
+# unweighted fit spends its capacity on the majority: "balanced" weighs each stage alike (scikit-learn's
+# class_weight). Two in five of its training crops are synthetic scenes, whose stages are drawn (white
+# patches, brown iodine, a green tint), so a fit may leave them out.
 STAGE_WEIGHTINGS = ("none", "balanced")
-# Half the stage head's training crops are synthetic scenes, whose stages are drawn (white patches, brown
-# iodine, a green tint); whether a real photo's stage is better read with or without them is also chosen
-# nested.
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -591,13 +590,13 @@ def labels_of(crops: list[Crop]) -> dict[str, np.ndarray]:
 
 @dataclass(frozen=True)
 class StageCandidate:
-    """An exam-stage head's inputs, strength and class weighting: one of STAGE_VIEWS, its inverse L2
-    strength, and one of STAGE_WEIGHTINGS."""
+    """An exam-stage head's inputs, strength and fit: one of STAGE_VIEWS, its inverse L2 strength, one of
+    STAGE_WEIGHTINGS, and whether the synthetic crops join the real ones."""
 
     view: str
     c: float
     weighting: str = "none"
-    synthetic: bool = True  # the synthetic crops join the real ones in the fit
+    synthetic: bool = True
 
     def __str__(self) -> str:
         return f"{self.view} C={self.c:g} {self.weighting}{'' if self.synthetic else ' real only'}"
@@ -1116,7 +1115,7 @@ CHANGELOG = (
     "3.3.0: same network, inputs and outputs; the exam-stage head's training crops and class weighting are "
     "chosen nested with its strength (with or without the synthetic crops; unweighted or each stage alike): "
     "every outer fold's inner folds chose the real crops alone. Stage head and not_acetic refitted; focus "
-    "heads as 3.2.0's.",
+    "heads refitted by 3.2.0's rule (the same strengths).",
 )
 # The focus features are logs of mean edge magnitudes, and the folded sharp head weighs 132 of them, some
 # with large weights (features of small spread): float32 summation order (PyTorch vs ONNX Runtime) moves its
