@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from training import device_suite
 from training.tasks.quality import EXAM_STAGES, Pools, choose, fit_heads, get_args_parser, predict
 
 UNWEIGHTED = ("--stage-weighting", "none")
@@ -25,13 +26,12 @@ VARIANTS = {
     "real only, unweighted": [*UNWEIGHTED, "--stage-synthetic", "without"],
     "every candidate (the task's default)": [],
 }
-FEATURES = ("focus", "pooled_crop224")
 
 
 def _split(saved: dict[str, np.ndarray], pool: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     prefix = f"{pool}."
     named = {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)}
-    feats = {k: v for k, v in named.items() if k in FEATURES}
+    feats = {k: v for k, v in named.items() if k == "focus" or k.startswith("pooled_")}
     return feats, {k: v for k, v in named.items() if k not in feats}
 
 
@@ -65,16 +65,17 @@ def describe(saved: dict[str, np.ndarray], flagged: np.ndarray, p_acetic: np.nda
         rows = as_taken & np.isin(stage, [0, EXAM_STAGES.index(other)])
         aucs.append(f"{roc_auc_score(stage[rows] == 0, p_acetic[rows]):.3f}")
     clean = variant == 0
-    n_transforms = len(np.unique(transform))
-    held = [
-        len(np.unique(flagged[rows])) == 1
-        for photo in np.unique(saved["served_photo"][clean])
-        if len(np.unique(transform[rows := clean & (saved["served_photo"] == photo)])) == n_transforms
-    ]
+    by_transform = {
+        str(name): dict(zip(saved["served_photo"][rows].tolist(), flagged[rows].tolist(), strict=True))
+        for name in np.unique(transform)
+        for rows in [clean & (transform == name)]
+    }
+    photos = [p for p in by_transform["as_taken"] if all(p in d for d in by_transform.values())]
+    held = device_suite.consistency({n: [d[p] for p in photos] for n, d in by_transform.items()})
     return (
         f"{'/'.join(EXAM_STAGES)} flagged as taken {shares(as_taken)} %, clean {shares(as_taken & clean)} %; "
         f"ROC-AUC acetic vs saline / green {' / '.join(aucs)}; flag unchanged under every transform "
-        f"{100 * np.mean(held):.1f} % of {len(held)} photos"
+        f"{100 * held['all_transforms']:.1f} % of {len(photos)} photos"
     )
 
 
