@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -19,6 +21,7 @@ from training.tasks.quality import (
 
 FOLDS = 4
 PER_FOLD = 120
+SERVED_PER_FOLD = 60
 
 
 def _pool(rng: np.random.Generator, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -49,7 +52,18 @@ def pools() -> Pools:
     real_feats, real_labels = _pool(rng, FOLDS * PER_FOLD)
     synthetic_feats, synthetic_labels = _pool(rng, 60)
     real_fold = np.repeat(np.arange(FOLDS), PER_FOLD)
-    return Pools(real_feats, real_labels, real_fold, synthetic_feats, synthetic_labels)
+    served_feats, served_labels = _pool(rng, FOLDS * SERVED_PER_FOLD)
+    served_fold = np.repeat(np.arange(FOLDS), SERVED_PER_FOLD)
+    return Pools(
+        real_feats,
+        real_labels,
+        real_fold,
+        synthetic_feats,
+        synthetic_labels,
+        served_feats,
+        served_labels,
+        served_fold,
+    )
 
 
 def _args(*extra: str):
@@ -120,20 +134,45 @@ def test_a_balanced_head_weighs_the_rare_stage_up() -> None:
     assert balanced.proba(x)[:, 1].mean() == pytest.approx(0.5, abs=0.1)  # what "alike" means
 
 
-def test_the_outer_fold_never_informs_the_choice(pools: Pools) -> None:
-    args = _args("--focus-c", "0.0001", "0.01", "100")
+def _zeroed(feats: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: np.where(rows[:, None], 0.0, v) for k, v in feats.items()}
+
+
+@pytest.mark.parametrize("inner_crops", ["served", "training"])
+def test_the_outer_fold_never_informs_the_choice(pools: Pools, inner_crops: str) -> None:
+    args = _args("--focus-c", "0.0001", "0.01", "100", "--inner-crops", inner_crops)
     before = choose(pools, {0}, [1, 2, 3], args)
-    scrambled = Pools(
-        {k: np.where((pools.real_fold == 0)[:, None], 0.0, v) for k, v in pools.real_feats.items()},
-        pools.real_labels,
-        pools.real_fold,
-        pools.synthetic_feats,
-        pools.synthetic_labels,
+    scrambled = replace(
+        pools,
+        real_feats=_zeroed(pools.real_feats, pools.real_fold == 0),
+        served_feats=_zeroed(pools.served_feats, pools.served_fold == 0),
     )
     after = choose(scrambled, {0}, [1, 2, 3], args)
     assert after.focus_specificity == before.focus_specificity
     assert after.stage_flagged == before.stage_flagged
     assert after.thresholds == before.thresholds
+
+
+def test_inner_folds_are_scored_on_the_crops_the_rule_names(pools: Pools) -> None:
+    """Served crops on which every head is less sure of "acetic" (the stage signal halved) move the
+    not_acetic threshold down when inner folds are scored on served crops, and leave it where it was when
+    they are scored on training crops; the training crops alone fit the heads either way."""
+    faint = {k: v.copy() for k, v in pools.served_feats.items()}
+    acetic = pools.served_labels["stage"] == 0
+    for view in ("pooled_crop224", "pooled_turns112"):
+        faint[view][acetic, 0] *= 0.3
+    dimmed = replace(pools, served_feats=faint)
+    for crops, moves in (("served", True), ("training", False)):
+        args = _args("--focus-c", "1", "--stage-c", "0.01", "--inner-crops", crops)
+        before, after = choose(pools, {0}, [1, 2, 3], args), choose(dimmed, {0}, [1, 2, 3], args)
+        assert (after.thresholds["not_acetic"] < before.thresholds["not_acetic"] - 0.01) is moves, crops
+        assert after.strengths.stage in before.stage_flagged
+
+
+def test_scoring_on_served_crops_needs_them(pools: Pools) -> None:
+    empty = replace(pools, served_fold=np.full_like(pools.served_fold, 9))
+    with pytest.raises(ValueError, match="--inner-crops training"):
+        choose(empty, {0}, [1, 2, 3], _args("--focus-c", "1", "--stage-c", "0.01", "--inner-crops", "served"))
 
 
 def test_not_acetic_threshold_flags_at_most_the_allowed_share_of_acetic_crops() -> None:

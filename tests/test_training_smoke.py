@@ -21,7 +21,9 @@ TINY = ["--epochs", "1", "--pretrain-epochs", "1", "--batch-size", "4", "--worke
 # The detector and quality models fit heads on frozen features: no epochs, but views per photo to shrink.
 TINY_HEADS = {
     "detector": ["--looks", "1", "--negative-looks", "1", "--surrounds", "3", "--no-suite"],
-    "quality": ["--train-variants", "2", "--eval-variants", "1", "--no-suite"],
+    # Inner folds on training crops, whatever the default: served ones need a detector for every fold, and
+    # the tiny detector trains one (tests/test_quality_heads.py covers the served rule).
+    "quality": ["--train-variants", "2", "--eval-variants", "1", "--no-suite", "--inner-crops", "training"],
     "severity": ["--inner-repeats", "1", "--threads", "1"],  # nothing trained end to end
     # The segmenter's decoder trains on cached frozen features: epochs, but no pretraining or workers.
     "segmenter": ["--epochs", "1", "--batch-size", "4", "--real-views", "1", "--no-detector"],

@@ -1,10 +1,11 @@
 """Exam-stage head variants compared offline on a quality run's saved features (`--save-features`).
 
-Each variant restricts the stage head's candidates (class weighting, with or without synthetic crops), is
-chosen and thresholded nested exactly as the quality task does, and is scored on the outer folds' served
-crops: the share of each stage flagged not acetic (as taken, and on the clean photos only), the ROC-AUC of
-P(acetic) against saline and against green-filter crops, and how often a clean photo's flag holds under every
-suite transform. A comparison for the report, not a selection: the task's own nested rule picks the variant.
+Each variant restricts the stage head's candidates (class weighting, with or without synthetic crops) or
+names the crops inner folds are scored on, is chosen and thresholded nested exactly as the quality task
+does, and is scored on the outer folds' served crops: the share of each stage flagged not acetic (as taken,
+and on the clean photos only), the ROC-AUC of P(acetic) against saline and against green-filter crops, and
+how often a clean photo's flag holds under every suite transform. A comparison for the report, not a
+selection: the task's own nested rule picks the variant.
 
     python -m training.stage_variants --run-dir runs/quality
 """
@@ -21,10 +22,16 @@ from training import device_suite
 from training.tasks.quality import EXAM_STAGES, Pools, choose, fit_heads, get_args_parser, predict
 
 UNWEIGHTED = ("--stage-weighting", "none")
+ON_TRAINING_CROPS = ("--inner-crops", "training")
 VARIANTS = {
-    "with synthetic, unweighted (3.2.0's candidates)": [*UNWEIGHTED, "--stage-synthetic", "with"],
-    "real only, unweighted": [*UNWEIGHTED, "--stage-synthetic", "without"],
-    "every candidate (the task's default)": [],
+    "with synthetic, unweighted, inner folds on training crops (3.2.0's rule)": [
+        *UNWEIGHTED,
+        "--stage-synthetic",
+        "with",
+        *ON_TRAINING_CROPS,
+    ],
+    "every candidate, inner folds on training crops (3.3.0's rule, the task's default)": [*ON_TRAINING_CROPS],
+    "every candidate, inner folds on served crops": ["--inner-crops", "served"],
 }
 
 
@@ -37,8 +44,15 @@ def _split(saved: dict[str, np.ndarray], pool: str) -> tuple[dict[str, np.ndarra
 
 def flagged_and_scores(saved: dict[str, np.ndarray], extra: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Per served crop: flagged not acetic by its outer fold's nested head and threshold, and P(acetic)."""
-    pools = Pools(*_split(saved, "real"), saved["real_fold"], *_split(saved, "synthetic"))
-    served, _ = _split(saved, "served")
+    served, served_labels = _split(saved, "served")
+    pools = Pools(
+        *_split(saved, "real"),
+        saved["real_fold"],
+        *_split(saved, "synthetic"),
+        served,
+        served_labels,
+        saved["served_fold"],
+    )
     # The focus heads do not touch the stage figures: one strength keeps the refits quick.
     args = get_args_parser().parse_args(["--output-dir", "unused", "--focus-c", "30", *extra])
     folds = sorted(set(saved["real_fold"].tolist()))
