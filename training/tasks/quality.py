@@ -115,7 +115,7 @@ STAGE_WEIGHTINGS = ("none", "balanced")
 # fold's detector, which trained on the outer fold's photos and boxes (never on their stage or focus
 # labels); a detector per (outer, inner) pair would remove that, at five times the served pool's cost.
 # The default stays "training", which makes the shipped 3.3.0, until a model made by "served" is measured,
-# exported and checked (the stop 31 run is in training/README.md).
+# exported and checked (the run started at stop 31 did not finish within it).
 INNER_CROPS = ("training", "served")
 
 
