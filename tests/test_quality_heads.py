@@ -154,7 +154,7 @@ def test_the_outer_fold_never_informs_the_choice(pools: Pools, inner_crops: str)
 
 
 def test_inner_folds_are_scored_on_the_crops_the_rule_names(pools: Pools) -> None:
-    """Served crops on which every head is less sure of "acetic" (the stage signal halved) move the
+    """Served crops on which every head is less sure of "acetic" (the stage signal cut to 30 %) move the
     not_acetic threshold down when inner folds are scored on served crops, and leave it where it was when
     they are scored on training crops; the training crops alone fit the heads either way."""
     faint = {k: v.copy() for k, v in pools.served_feats.items()}

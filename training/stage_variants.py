@@ -30,6 +30,12 @@ VARIANTS = {
         "with",
         *ON_TRAINING_CROPS,
     ],
+    "real only, unweighted, inner folds on training crops": [
+        *UNWEIGHTED,
+        "--stage-synthetic",
+        "without",
+        *ON_TRAINING_CROPS,
+    ],
     "every candidate, inner folds on training crops (3.3.0's rule, the task's default)": [*ON_TRAINING_CROPS],
     "every candidate, inner folds on served crops": ["--inner-crops", "served"],
 }

@@ -828,6 +828,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
     )
     transforms = ("as_taken",) if args.no_suite else tuple(device_suite.SUITE)
     served = served_pool(real, args.detector_run, transforms, args.eval_variants, args.seed)
+    # Pools.fold refuses the same, but only after the features are extracted (most of the run's time).
     unserved = set(range(len(real.folds))) - {real.fold_of(i) for i in served.photo}
     if args.inner_crops == "served" and unserved:
         raise SystemExit(
