@@ -174,8 +174,10 @@ class Settings(BaseSettings):
         "learned from (its manifest's cervix_distance threshold); turn off only to try a new device's photos",
     )
     focus_operating_point: Literal["balanced", "high_sensitivity"] = Field(
-        default="balanced",
-        description="which 'not sharp' threshold of the quality manifest to use (see README)",
+        default="high_sensitivity",
+        description="which 'not sharp' threshold of the quality manifest to use: not_sharp (the 98 % "
+        "sensitivity rule; quality 3.4.0's inner folds kept 93-98 % specificity at it) or "
+        "not_sharp_balanced (95 %, fewer retakes of sharp photos; see README)",
     )
     min_cervix_area_fraction: float = Field(
         default=1 / 16,

@@ -127,9 +127,9 @@ def test_only_the_gate_models_files_are_served(client: TestClient) -> None:
 
 
 def test_the_gate_follows_the_operating_point_and_needs_the_key() -> None:
-    settings = Settings(focus_operating_point="high_sensitivity", api_keys=["gate-key"])
+    settings = Settings(focus_operating_point="balanced", api_keys=["gate-key"])
     with TestClient(create_app(settings)) as keyed:
         assert keyed.get("/v1/gate").status_code == 401
         assert keyed.get("/v1/models/detector/model.onnx").status_code == 401
         gate = keyed.get("/v1/gate", headers={"Authorization": "Bearer gate-key"}).json()
-    assert gate["rules"]["focus_threshold"] == "not_sharp"
+    assert gate["rules"]["focus_threshold"] == "not_sharp_balanced"

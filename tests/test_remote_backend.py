@@ -23,7 +23,7 @@ from bench.remote import KSERVE_COMMAND, atlas_photos, build_kserve_venv, cervig
 from bench.run import Server, free_port
 from service.inference.backend import InferenceTimeout
 from service.inference.manifest import read_manifest
-from service.inference.remote import OipClient, RemoteBackend, metadata_mismatches
+from service.inference.remote import OipClient, RemoteBackend, RemoteModel, metadata_mismatches
 from service.inference.runtime import MODEL_NAMES, load_models
 from service.pipeline.stages import Assessment, Pipeline
 from service.settings import Settings
@@ -155,8 +155,10 @@ def test_a_slow_engine_meets_the_deadline_and_the_call_timeout(
     kserve_venv: None, photos: list[bytes]
 ) -> None:
     with kserve_server("--delay-s", "1.1").running() as engine:
-        # One model call of 1.1 s cannot fit a 1 s deadline: the phone gets 504 and retakes.
-        with cervigate_server(engine.url, CERVIGATE_REQUEST_DEADLINE_S="1").running() as service:
+        # One model call of 1.1 s cannot fit a 1 s deadline: the phone gets 504 and retakes. The call
+        # timeout is generous so that start-up's warm-up pass on a loaded host is not what is tested.
+        deadline_only = {"CERVIGATE_REQUEST_DEADLINE_S": "1", "CERVIGATE_REMOTE_TIMEOUT_S": "30"}
+        with cervigate_server(engine.url, **deadline_only).running() as service:
             response = httpx.post(
                 service.url + "/v1/assess", files={"image": ("p.jpg", photos[0])}, timeout=60
             )
@@ -211,3 +213,26 @@ def test_metadata_is_compared_dim_by_dim() -> None:
         "no output 'cervix_logit' (it has ['box', 'cervix_distance'])",
         "box is FP16, not FP32",
     ]
+
+
+def test_a_models_first_call_may_take_as_long_as_start_up_waits() -> None:
+    # Triton and KServe load a model on its first call: the warm-up call gets start-up's wait, a
+    # request's call gets CERVIGATE_REMOTE_TIMEOUT_S. No engine needed: the transport records each call.
+    manifest = read_manifest(REPO / "models" / "severity")
+    outputs = [output.name for output in manifest.outputs]
+    timeouts: list[float] = []
+
+    def engine(request: httpx.Request) -> httpx.Response:
+        timeouts.append(request.extensions["timeout"]["read"])
+        answer = [{"name": name, "shape": [1, 1], "datatype": "FP32", "data": [0.5]} for name in outputs]
+        return httpx.Response(200, json={"outputs": answer})
+
+    settings = _remote_settings("http://engine", remote_timeout_s=0.5, remote_startup_wait_s=90)
+    client = OipClient(settings, Metrics())
+    client.http = httpx.Client(base_url=client.url, timeout=0.5, transport=httpx.MockTransport(engine))
+    model = RemoteModel(manifest, client)
+    model.warm_up()
+    spec = manifest.input
+    model.run(np.zeros((1, len(spec.channels), spec.height, spec.width), np.float32))
+    client.close()
+    assert timeouts == [90.0, 0.5]

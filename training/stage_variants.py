@@ -36,8 +36,11 @@ VARIANTS = {
         "without",
         *ON_TRAINING_CROPS,
     ],
-    "every candidate, inner folds on training crops (3.3.0's rule, the task's default)": [*ON_TRAINING_CROPS],
-    "every candidate, inner folds on served crops": ["--inner-crops", "served"],
+    "every candidate, inner folds on training crops (3.3.0's rule)": [*ON_TRAINING_CROPS],
+    "every candidate, inner folds on served crops (3.4.0's rule, the task's default)": [
+        "--inner-crops",
+        "served",
+    ],
 }
 
 
@@ -48,17 +51,21 @@ def _split(saved: dict[str, np.ndarray], pool: str) -> tuple[dict[str, np.ndarra
     return feats, {k: v for k, v in named.items() if k not in feats}
 
 
-def flagged_and_scores(saved: dict[str, np.ndarray], extra: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per served crop: flagged not acetic by its outer fold's nested head and threshold, and P(acetic)."""
-    served, served_labels = _split(saved, "served")
-    pools = Pools(
+def saved_pools(saved: dict[str, np.ndarray]) -> Pools:
+    """The quality task's pools as `--save-features` wrote them."""
+    return Pools(
         *_split(saved, "real"),
         saved["real_fold"],
         *_split(saved, "synthetic"),
-        served,
-        served_labels,
+        *_split(saved, "served"),
         saved["served_fold"],
     )
+
+
+def flagged_and_scores(saved: dict[str, np.ndarray], extra: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per served crop: flagged not acetic by its outer fold's nested head and threshold, and P(acetic)."""
+    served = _split(saved, "served")[0]
+    pools = saved_pools(saved)
     # The focus heads do not touch the stage figures: one strength keeps the refits quick.
     args = get_args_parser().parse_args(["--output-dir", "unused", "--focus-c", "30", *extra])
     folds = sorted(set(saved["real_fold"].tolist()))

@@ -58,6 +58,9 @@ class OipClient:
         self.version = settings.remote_model_version
         self.retries, self.backoff_s = settings.remote_retries, settings.remote_backoff_s
         self.metrics = metrics
+        # A model's first call may load it on the engine (Triton and KServe load lazily, a GPU compiles
+        # its kernels): start-up allows it as long as it waits for the engine, not one request's budget.
+        self.first_call_timeout_s = max(settings.remote_timeout_s, settings.remote_startup_wait_s)
         connections = 2 * settings.inference_workers  # a worker and the spare core it may borrow
         self.http = httpx.Client(
             base_url=self.url,
@@ -79,11 +82,18 @@ class OipClient:
         return self.http.get(self.path(model) + "/ready", timeout=READY_TIMEOUT_S).status_code == 200
 
     def infer(
-        self, model: str, input_name: str, tensor: np.ndarray, outputs: list[str]
+        self,
+        model: str,
+        input_name: str,
+        tensor: np.ndarray,
+        outputs: list[str],
+        timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
         """One call, retried with exponential backoff while the engine is unreachable or answers 503 (it
         is starting, or shedding load): inference has no side effects, so a retry is always safe. A timeout
-        is not retried: the engine may still be working on it, and the request's deadline is running."""
+        (`timeout_s`, else CERVIGATE_REMOTE_TIMEOUT_S) is not retried: the engine may still be working on
+        it, and the request's deadline is running."""
+        timeout = httpx.USE_CLIENT_DEFAULT if timeout_s is None else httpx.Timeout(timeout_s, connect=2.0)
         body, headers = encode_request(input_name, tensor, outputs)
         path = self.path(model) + "/infer"
         for attempt in range(self.retries + 1):
@@ -91,7 +101,7 @@ class OipClient:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             started = time.perf_counter()
             try:
-                response = self.http.post(path, content=body, headers=headers)
+                response = self.http.post(path, content=body, headers=headers, timeout=timeout)
             except httpx.TimeoutException as error:
                 self.metrics.remote_errors.labels(model, "timeout").inc()
                 raise InferenceTimeout(f"{model} on {self.url}: no answer in time") from error
@@ -189,13 +199,14 @@ class RemoteModel:
     manifest: Manifest
     client: OipClient
 
-    def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, tensor: np.ndarray, timeout_s: float | None = None) -> dict[str, np.ndarray]:
         names = [output.name for output in self.manifest.outputs]
-        return self.client.infer(self.manifest.name, self.manifest.input.name, tensor, names)
+        return self.client.infer(self.manifest.name, self.manifest.input.name, tensor, names, timeout_s)
 
     def warm_up(self) -> None:
         spec = self.manifest.input
-        self.run(np.zeros((1, len(spec.channels), spec.height, spec.width), dtype=np.float32))
+        tensor = np.zeros((1, len(spec.channels), spec.height, spec.width), dtype=np.float32)
+        self.run(tensor, timeout_s=self.client.first_call_timeout_s)
 
 
 class RemoteBackend:
