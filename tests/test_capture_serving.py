@@ -103,7 +103,7 @@ def test_the_device_gate_gets_its_models_rules_and_words(client: TestClient) -> 
         assert onnx.status_code == 200 and onnx.headers["content-type"] == "application/octet-stream"
         assert hashlib.sha256(onnx.content).hexdigest() == manifest["sha256"] == model["sha256"]
         assert len(onnx.content) == model["bytes"] and model["sha256"] in model["model_url"]
-    assert gate["rules"]["focus_threshold"] == "not_sharp_balanced"
+    assert gate["rules"]["focus_threshold"] == "not_sharp"  # the default operating point, high_sensitivity
     assert gate["rules"]["min_cervix_crop_px"] == 192  # the quality manifest's min_cervix_px
     detector = client.get(gate["models"][0]["manifest_url"]).json()
     assert gate["rules"]["max_cervix_distance"] == detector["thresholds"]["cervix_distance"]

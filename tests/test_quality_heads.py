@@ -183,6 +183,50 @@ def test_not_acetic_threshold_flags_at_most_the_allowed_share_of_acetic_crops() 
     assert np.mean(p_acetic <= threshold) > 0.10  # the largest such threshold: one more crop would pass it
 
 
+def test_the_acetic_bound_holds_in_every_transform_that_has_acetic_crops() -> None:
+    # Turned crops look less acetic than upright ones; iodine crops (stage 2) come only upright.
+    p_acetic = np.concatenate([np.linspace(0.4, 0.95, 50), np.linspace(0.1, 0.65, 50), np.full(10, 0.2)])
+    stage = np.concatenate([np.zeros(100, int), np.full(10, 2)])
+    transform = np.array(["as_taken"] * 50 + ["rotate90"] * 50 + ["as_taken"] * 5 + ["iodine_only"] * 5)
+    p_stage = np.stack([p_acetic, 1 - p_acetic, np.zeros(110), np.zeros(110)], axis=1)
+    pooled = not_acetic_threshold(p_stage, stage, 0.10)
+    each = not_acetic_threshold(p_stage, stage, 0.10, transform)
+    turned = (transform == "rotate90") & (stage == 0)
+    assert np.mean(p_acetic[turned] < pooled) > 0.10  # pooled, the turned crops pay for the upright ones
+    for name in ("as_taken", "rotate90"):
+        assert np.mean(p_acetic[(transform == name) & (stage == 0)] < each) <= 0.10
+    assert each > 0.0  # the group with no acetic crops sets no bound
+
+
+def test_choose_bounds_acetic_crops_per_transform_only_when_asked(pools: Pools) -> None:
+    # Half of each fold's served crops are "turned", and their acetic signal is fainter.
+    turned = np.tile([False, True], pools.served_fold.size // 2)
+    faint = {k: v.copy() for k, v in pools.served_feats.items()}
+    for view in ("pooled_crop224", "pooled_turns112"):
+        faint[view][turned & (pools.served_labels["stage"] == 0), 0] -= 1.0
+    looks = replace(pools, served_feats=faint, served_transform=np.where(turned, "rotate90", "as_taken"))
+    one_head = (
+        "--stage-views",
+        "turns112",
+        "--stage-c",
+        "1",
+        "--stage-weighting",
+        "none",
+        "--stage-synthetic",
+        "with",
+    )
+
+    def not_acetic(*extra: str) -> float:
+        return choose(looks, {0}, [1, 2, 3], _args("--focus-c", "1", *one_head, *extra)).thresholds[
+            "not_acetic"
+        ]
+
+    assert not_acetic("--acetic-bound", "each-transform") < not_acetic("--acetic-bound", "pooled") - 0.01
+    # Without transforms (training crops) the two bounds are one rule.
+    training = ("--inner-crops", "training", "--acetic-bound")
+    assert not_acetic(*training, "each-transform") == not_acetic(*training, "pooled")
+
+
 def test_decision_consistency_names_the_check_that_flips() -> None:
     """Two clean photos under two transforms: photo 0 turns not sharp when rotated, photo 1 never changes;
     both are flagged not acetic throughout. Whole decisions agree for one photo of two, each check alone

@@ -37,9 +37,17 @@ VARIANTS = {
         *ON_TRAINING_CROPS,
     ],
     "every candidate, inner folds on training crops (3.3.0's rule)": [*ON_TRAINING_CROPS],
-    "every candidate, inner folds on served crops (3.4.0's rule, the task's default)": [
+    "every candidate, inner folds on served crops, acetic bound pooled over them": [
         "--inner-crops",
         "served",
+        "--acetic-bound",
+        "pooled",
+    ],
+    "every candidate, inner folds on served crops, acetic bound under each transform (3.4.0, the default)": [
+        "--inner-crops",
+        "served",
+        "--acetic-bound",
+        "each-transform",
     ],
 }
 
@@ -59,6 +67,7 @@ def saved_pools(saved: dict[str, np.ndarray]) -> Pools:
         *_split(saved, "synthetic"),
         *_split(saved, "served"),
         saved["served_fold"],
+        saved["served_transform"],
     )
 
 
@@ -99,8 +108,17 @@ def describe(saved: dict[str, np.ndarray], flagged: np.ndarray, p_acetic: np.nda
     }
     photos = [p for p in by_transform["as_taken"] if all(p in d for d in by_transform.values())]
     held = device_suite.consistency({n: [d[p] for p in photos] for n, d in by_transform.items()})
+    acetic_by_transform = [
+        100 * flagged[(transform == name) & (stage == 0)].mean() for name in np.unique(transform)
+    ]
+    saline_by_transform = [
+        100 * flagged[(transform == name) & (stage == EXAM_STAGES.index("saline"))].mean()
+        for name in np.unique(transform)
+    ]
     return (
         f"{'/'.join(EXAM_STAGES)} flagged as taken {shares(as_taken)} %, clean {shares(as_taken & clean)} %; "
+        f"acetic flagged per transform {min(acetic_by_transform):.1f}-{max(acetic_by_transform):.1f} %, "
+        f"saline {min(saline_by_transform):.1f}-{max(saline_by_transform):.1f} %; "
         f"ROC-AUC acetic vs saline / green {' / '.join(aucs)}; flag unchanged under every transform "
         f"{100 * held['all_transforms']:.1f} % of {len(photos)} photos"
     )
