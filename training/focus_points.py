@@ -4,7 +4,7 @@ For each outer fold (and for the shipped fit, over all real folds), the focus st
 quality task chooses it, and the pooled inner-fold predictions give the specificity at each sensitivity
 rule: `not_sharp_balanced` (95 %) and `not_sharp` (98 %). This is the nested evidence for which threshold
 the service uses by default (`CERVIGATE_FOCUS_OPERATING_POINT`): the 98 % point, the issue's and the focus
-paper's, where the inner folds keep specificity at or above the issue's 85 % in every outer fold.
+paper's, while the inner folds keep specificity at or above the issue's 85 % at it in every outer fold.
 
     python -m training.focus_points --run-dir runs/quality
 """
@@ -12,11 +12,10 @@ paper's, where the inner folds keep specificity at or above the issue's 85 % in 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 
-from training.stage_variants import saved_pools
+from training.stage_variants import load_saved_features, saved_pools
 from training.tasks.quality import (
     Pools,
     _fit_sharp,
@@ -47,12 +46,7 @@ def inner_specificities(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--run-dir", type=Path, default=Path("runs/quality"))
-    run_dir = parser.parse_args(argv).run_dir
-    saved = dict(np.load(run_dir / "features.npz", allow_pickle=False))
+    saved = load_saved_features(argv, __doc__)
     pools = saved_pools(saved)
     # One stage candidate keeps the refits quick: the stage head does not touch the focus figures.
     args = get_args_parser().parse_args(

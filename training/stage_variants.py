@@ -3,7 +3,8 @@
 Each variant restricts the stage head's candidates (class weighting, with or without synthetic crops) or
 names the crops inner folds are scored on, is chosen and thresholded nested exactly as the quality task
 does, and is scored on the outer folds' served crops: the share of each stage flagged not acetic (as taken,
-and on the clean photos only), the ROC-AUC of P(acetic) against saline and against green-filter crops, and
+and on the clean photos only), the range over the suite's transforms of acetic and saline crops flagged,
+the ROC-AUC of P(acetic) against saline and against green-filter crops, and
 how often a clean photo's flag holds under every suite transform. A comparison for the report, not a
 selection: the task's own nested rule picks the variant.
 
@@ -108,29 +109,33 @@ def describe(saved: dict[str, np.ndarray], flagged: np.ndarray, p_acetic: np.nda
     }
     photos = [p for p in by_transform["as_taken"] if all(p in d for d in by_transform.values())]
     held = device_suite.consistency({n: [d[p] for p in photos] for n, d in by_transform.items()})
-    acetic_by_transform = [
-        100 * flagged[(transform == name) & (stage == 0)].mean() for name in np.unique(transform)
-    ]
-    saline_by_transform = [
-        100 * flagged[(transform == name) & (stage == EXAM_STAGES.index("saline"))].mean()
-        for name in np.unique(transform)
-    ]
+
+    def range_over_transforms(stage_name: str) -> str:
+        rows = stage == EXAM_STAGES.index(stage_name)
+        shares = [100 * flagged[rows & (transform == name)].mean() for name in np.unique(transform)]
+        return f"{min(shares):.1f}-{max(shares):.1f} %"
+
     return (
         f"{'/'.join(EXAM_STAGES)} flagged as taken {shares(as_taken)} %, clean {shares(as_taken & clean)} %; "
-        f"acetic flagged per transform {min(acetic_by_transform):.1f}-{max(acetic_by_transform):.1f} %, "
-        f"saline {min(saline_by_transform):.1f}-{max(saline_by_transform):.1f} %; "
+        f"acetic flagged per transform {range_over_transforms('acetic')}, "
+        f"saline {range_over_transforms('saline')}; "
         f"ROC-AUC acetic vs saline / green {' / '.join(aucs)}; flag unchanged under every transform "
         f"{100 * held['all_transforms']:.1f} % of {len(photos)} photos"
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def load_saved_features(argv: list[str] | None, description: str | None) -> dict[str, np.ndarray]:
+    """The `features.npz` of the run named by `--run-dir` (an offline comparison's one argument)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--run-dir", type=Path, default=Path("runs/quality"))
     run_dir = parser.parse_args(argv).run_dir
-    saved = dict(np.load(run_dir / "features.npz", allow_pickle=False))
+    return dict(np.load(run_dir / "features.npz", allow_pickle=False))
+
+
+def main(argv: list[str] | None = None) -> None:
+    saved = load_saved_features(argv, __doc__)
     for name, extra in VARIANTS.items():
         print(f"{name}: {describe(saved, *flagged_and_scores(saved, extra))}", flush=True)
 
