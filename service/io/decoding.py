@@ -9,6 +9,9 @@ HEVC has no such scaling, but a HEIC may carry embedded thumbnails (scaled copie
 smallest one that keeps `decode_min_side` stands in for the reduced decode, and a larger one for the crop
 when it has enough pixels; otherwise the photo is decoded in full, its grid tiles on `decode_threads`.
 PNG has neither (Pillow decodes it in full, once, and the crop is cut from those pixels).
+
+Before any of that, the bytes are checked where a decoder would not complain: a JPEG's marker segments, a
+PNG's chunks, a HEIC's coded pictures (`service.io.heif_items`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from service.io.heif_items import DamagedHeif, check_heif_items
 from service.io.imaging import exif_orientation, to_rgb
 
 # Pillow format name -> media type. MPO is what many phones write: a JPEG with extra frames (depth, preview).
@@ -177,6 +181,8 @@ def decode_upload(data: bytes, limits: DecodeLimits) -> DecodedImage:
     image = _open(data, limits.max_pixels)
     try:
         width, height, media_type = _check(image, limits)
+        if image.format == "HEIF":  # libheif would conceal the damage and decode noise
+            check_heif(data)
         decoded, orientation, drafted = _decode_opened(image, data, draft_side=limits.decode_min_side)
     except BaseException:
         image.close()
@@ -294,6 +300,14 @@ def _check_png_header(kind: bytes, header: memoryview) -> None:
             f"the PNG's header is not one PNG defines (bit depth {depth}, colour type {colour}, interlace "
             f"method {interlace}); save the photo again as a standard PNG or JPEG"
         )
+
+
+def check_heif(data: bytes) -> None:
+    """Refuse a HEIC whose coded pictures do not hold together (`service.io.heif_items`), before decoding."""
+    try:
+        check_heif_items(data)
+    except DamagedHeif as error:
+        raise UploadRejected(f"the HEIC is damaged ({error}); take or send the photo again") from error
 
 
 def jpeg_frame_size(data: bytes) -> tuple[int, int] | None:

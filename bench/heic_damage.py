@@ -1,0 +1,99 @@
+"""How many damaged HEICs does the service refuse? An atlas photo as an 800x600 HEIC (one picture) and as a
+12 MP one laid out as an iPhone writes it (48 grid tiles, a 320 px thumbnail), with 0.1-100 % of the media
+data (`mdat`) overwritten by random bytes, at random positions or as one span; each copy goes through
+`decode_upload`, with the container check (`service.io.heif_items`) and, with `--without-check`, as before it
+(libheif's own errors only). A refusal is a 422; anything else decoded into pixels.
+
+`python -m bench.heic_damage --trials 30` prints one line per size and share; about a minute per 100 copies
+of the 12 MP photo here (each decodes its tiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+from bench.run import ATLAS, PHONE_SIZE, heic
+from service.io import decoding
+from service.io.decoding import DecodeLimits, UploadRejected, decode_upload, register_heif
+
+SHARES = (0.001, 0.01, 0.1, 1.0)
+LIMITS = DecodeLimits(max_pixels=50_000_000, min_side=64, decode_min_side=320)
+Damage = Callable[[np.ndarray, int, int, np.random.Generator], None]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--trials", type=int, default=30, help="damaged copies per size, share and kind")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--without-check", action="store_true", help="libheif alone, as before the check")
+    return parser
+
+
+def media_data(data: bytes) -> tuple[int, int]:
+    """(first, one past the last) byte of the top-level `mdat` box's payload."""
+    position = 0
+    while position + 8 <= len(data):
+        size, kind = int.from_bytes(data[position : position + 4], "big"), data[position + 4 : position + 8]
+        if kind == b"mdat":
+            return position + 8, position + size
+        position += size
+    raise ValueError("the HEIC has no mdat box")
+
+
+def _at_random_positions(pixels: np.ndarray, start: int, count: int, rng: np.random.Generator) -> None:
+    span = len(pixels) - start
+    pixels[start + rng.choice(span, count, replace=False)] = rng.integers(0, 256, count)
+
+
+def _as_one_span(pixels: np.ndarray, start: int, count: int, rng: np.random.Generator) -> None:
+    first = start + int(rng.integers(0, len(pixels) - start - count + 1))
+    pixels[first : first + count] = rng.integers(0, 256, count)
+
+
+DAMAGES: dict[str, Damage] = {"random positions": _at_random_positions, "one span": _as_one_span}
+
+
+def refused(data: bytes, share: float, damage: Damage, rng: np.random.Generator) -> bool:
+    start, end = media_data(data)
+    damaged = np.frombuffer(data[:end], np.uint8).copy()  # what follows mdat (if anything) stays as it is
+    damage(damaged, start, max(1, int(share * (end - start))), rng)
+    try:
+        decode_upload(damaged.tobytes() + data[end:], LIMITS)
+    except UploadRejected:
+        return True
+    return False
+
+
+def photos() -> dict[str, bytes]:
+    source = sorted(ATLAS.glob("images_*/case_*/*cetic*.jpg"))[0]
+    image = Image.open(source).convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, "HEIF", quality=90)
+    phone = image.resize(PHONE_SIZE, Image.Resampling.LANCZOS)
+    return {"800x600 (one picture)": buffer.getvalue(), "12 MP (48 tiles)": heic(phone, [320])}
+
+
+def main(args: argparse.Namespace) -> None:
+    register_heif(2)
+    if args.without_check:
+        decoding.check_heif = lambda data: None  # the comparison's "before"
+    rng = np.random.default_rng(args.seed)
+    for name, data in photos().items():
+        decode_upload(data, LIMITS)  # the undamaged photo decodes
+        for share in SHARES:
+            counts = [
+                f"{kind} {sum(refused(data, share, damage, rng) for _ in range(args.trials))}/{args.trials}"
+                for kind, damage in DAMAGES.items()
+            ]
+            print(f"{name}, {100 * share:g} % of mdat overwritten, refused: {', '.join(counts)}", flush=True)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
