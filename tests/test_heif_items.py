@@ -54,8 +54,8 @@ def test_every_coded_picture_of_a_sound_heic_is_checked_and_passes(
 
 
 def test_a_grid_heic_with_damaged_tiles_is_refused_though_libheif_decodes_it() -> None:
-    """A phone's HEIC is a grid of tiles; libheif decodes a grid whose tiles are damaged without an error
-    (a single picture so damaged, it refuses itself)."""
+    """A phone's HEIC is a grid of tiles, and libheif decodes a grid whose tiles are damaged without an
+    error (a single picture it refuses where the damage reaches a NAL length)."""
     data = bytearray(_heic((1024, 768), tile_size=256))
     start, end = media_data(bytes(data))
     damaged = (end - start) // 10

@@ -4,13 +4,12 @@ libheif (inside pillow-heif) conceals damage in a grid's tiles, and a phone's HE
 iPhone photo has 48 tiles of 512 px): with 10 % of such a file's media data overwritten by random bytes,
 30 of 30 decoded without an error, partly into noise, which the gate would then judge (`python -m
 bench.heic_damage`; a single picture libheif refuses where the damage reaches its NAL lengths, as this
-check would, and decodes otherwise). pillow-heif 1.8.1
-exposes neither libheif's strict decoding nor its decoding warnings, so the service reads what the
-container says about each coded picture (ISO/IEC 14496-12 item location, ISO/IEC 23008-12 item
-info and properties) and checks that the bytes hold together: each HEVC item (a grid tile, a whole picture,
-a thumbnail) must lie inside the file and be a run of length-prefixed NAL units that fills it exactly, each
-with a valid NAL header and a nonzero last byte (H.265 7.4.2: "the last byte of the NAL unit shall not be
-equal to 0x00"), and at least one coded slice.
+check would, and decodes otherwise). pillow-heif 1.8.1 exposes neither libheif's strict decoding nor its
+decoding warnings, so the service reads what the container says about each coded picture (ISO/IEC
+14496-12 item location, ISO/IEC 23008-12 item info and properties) and checks that the bytes hold
+together: each HEVC item (a grid tile, a whole picture, a thumbnail) must lie inside the file and be a run
+of length-prefixed NAL units that fills it exactly, each with a valid NAL header and a nonzero last byte
+(H.265 7.4.2: "the last byte of the NAL unit shall not be equal to 0x00"), and at least one coded slice.
 
 Damage inside a slice's entropy-coded data that leaves the NAL lengths intact is not seen: only decoding
 could see it. So this catches damage that reaches the length fields, which is likelier the more bytes are
