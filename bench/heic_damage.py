@@ -20,6 +20,7 @@ from PIL import Image
 from bench.run import ATLAS, PHONE_SIZE, heic
 from service.io import decoding
 from service.io.decoding import DecodeLimits, UploadRejected, decode_upload, register_heif
+from service.io.heif_items import boxes
 
 SHARES = (0.001, 0.01, 0.1, 1.0)
 LIMITS = DecodeLimits(max_pixels=50_000_000, min_side=64, decode_min_side=320)
@@ -38,13 +39,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def media_data(data: bytes) -> tuple[int, int]:
     """(first, one past the last) byte of the top-level `mdat` box's payload."""
-    position = 0
-    while position + 8 <= len(data):
-        size, kind = int.from_bytes(data[position : position + 4], "big"), data[position + 4 : position + 8]
-        if kind == b"mdat":
-            return position + 8, position + size
-        position += size
-    raise ValueError("the HEIC has no mdat box")
+    mdat = next((box for box in boxes(memoryview(data), 0, len(data)) if box.kind == b"mdat"), None)
+    if mdat is None:
+        raise ValueError("the HEIC has no mdat box")
+    return mdat.start, mdat.end
 
 
 def _at_random_positions(file_bytes: np.ndarray, start: int, count: int, rng: np.random.Generator) -> None:

@@ -37,13 +37,14 @@ class _Unreadable(Exception):
 
 
 @dataclass(frozen=True)
-class _Box:
+class Box:
     kind: bytes
     start: int  # first byte of the payload
     end: int  # one past the last byte
 
 
-def _boxes(data: memoryview, start: int, end: int) -> Iterator[_Box]:
+def boxes(data: memoryview, start: int, end: int) -> Iterator[Box]:
+    """The ISO BMFF boxes from `start` to `end`, in order."""
     position = start
     while position + 8 <= end:
         size, header = int.from_bytes(data[position : position + 4], "big"), 8
@@ -56,12 +57,12 @@ def _boxes(data: memoryview, start: int, end: int) -> Iterator[_Box]:
             size = end - position
         if size < header or position + size > end:
             raise _Unreadable  # a cut-off container: libheif refuses it with its own error
-        yield _Box(kind, position + header, position + size)
+        yield Box(kind, position + header, position + size)
         position += size
 
 
-def _child(data: memoryview, parent: _Box, kind: bytes) -> _Box:
-    for box in _boxes(data, parent.start, parent.end):
+def _child(data: memoryview, parent: Box, kind: bytes) -> Box:
+    for box in boxes(data, parent.start, parent.end):
         if box.kind == kind:
             return box
     raise _Unreadable
@@ -70,7 +71,7 @@ def _child(data: memoryview, parent: _Box, kind: bytes) -> _Box:
 class _Reader:
     """Big-endian fields of one box, read in order; running off its end means the box is not understood."""
 
-    def __init__(self, data: memoryview, box: _Box) -> None:
+    def __init__(self, data: memoryview, box: Box) -> None:
         self.data, self.position, self.end = data, box.start, box.end
 
     def uint(self, size: int) -> int:
@@ -87,12 +88,12 @@ class _Reader:
         return version, self.uint(3)
 
 
-def _hevc_items(data: memoryview, iinf: _Box) -> set[int]:
+def _hevc_items(data: memoryview, iinf: Box) -> set[int]:
     reader = _Reader(data, iinf)
     version, _ = reader.version_and_flags()
     reader.uint(2 if version == 0 else 4)  # entry count: the boxes say it again
     items = set()
-    for infe in _boxes(data, reader.position, iinf.end):
+    for infe in boxes(data, reader.position, iinf.end):
         if infe.kind != b"infe":
             continue
         entry = _Reader(data, infe)
@@ -106,7 +107,7 @@ def _hevc_items(data: memoryview, iinf: _Box) -> set[int]:
     return items
 
 
-def _item_locations(data: memoryview, iloc: _Box) -> dict[int, list[tuple[int, int]] | None]:
+def _item_locations(data: memoryview, iloc: Box) -> dict[int, list[tuple[int, int]] | None]:
     """Item -> its extents as (file offset, length), or None where stored otherwise than in the file."""
     reader = _Reader(data, iloc)
     version, _ = reader.version_and_flags()
@@ -130,9 +131,10 @@ def _item_locations(data: memoryview, iloc: _Box) -> dict[int, list[tuple[int, i
     return locations
 
 
-def _decoder_configs(data: memoryview, iprp: _Box) -> dict[int, _Box]:
+def _decoder_configs(data: memoryview, iprp: Box) -> dict[int, Box]:
     """Item -> its hvcC property box."""
-    properties = list(_boxes(data, *_span(_child(data, iprp, b"ipco"))))
+    ipco = _child(data, iprp, b"ipco")
+    properties = list(boxes(data, ipco.start, ipco.end))
     ipma = _child(data, iprp, b"ipma")
     reader = _Reader(data, ipma)
     version, flags = reader.version_and_flags()
@@ -146,11 +148,7 @@ def _decoder_configs(data: memoryview, iprp: _Box) -> dict[int, _Box]:
     return configs
 
 
-def _span(box: _Box) -> tuple[int, int]:
-    return box.start, box.end
-
-
-def _nal_length_size(data: memoryview, hvcc: _Box) -> int:
+def _nal_length_size(data: memoryview, hvcc: Box) -> int:
     if hvcc.end - hvcc.start < 23:
         raise DamagedHeif("an HEVC picture's decoder configuration is cut short")
     return (data[hvcc.start + 21] & 3) + 1
@@ -181,8 +179,8 @@ def check_heif_items(data: bytes) -> int:
     else the number of pictures checked (0: a container this reader does not follow)."""
     view = memoryview(data)
     try:
-        meta = next(box for box in _boxes(view, 0, len(data)) if box.kind == b"meta")
-        meta = _Box(meta.kind, meta.start + 4, meta.end)  # a full box: version and flags first
+        meta = next(box for box in boxes(view, 0, len(data)) if box.kind == b"meta")
+        meta = Box(meta.kind, meta.start + 4, meta.end)  # a full box: version and flags first
         hevc = _hevc_items(view, _child(view, meta, b"iinf"))
         locations = _item_locations(view, _child(view, meta, b"iloc"))
         configs = _decoder_configs(view, _child(view, meta, b"iprp"))
