@@ -1,11 +1,13 @@
 """How many damaged HEICs does the service refuse? An atlas photo as an 800x600 HEIC (one picture) and as a
-12 MP one laid out as an iPhone writes it (48 grid tiles, a 320 px thumbnail), with 0.1-100 % of the media
-data (`mdat`) overwritten by random bytes, at random positions or as one span; each copy goes through
-`decode_upload`, with the container check (`service.io.heif_items`) and, with `--without-check`, as before it
-(libheif's own errors only). A refusal is a 422; anything else decoded into pixels.
+12 MP one laid out as an iPhone writes it (48 grid tiles, a 320 px thumbnail), with 10 bytes or 0.1-100 % of
+the media data (`mdat`) overwritten by random bytes, at random positions or as one span; each copy goes
+through `decode_upload`, with both damage checks: the container's (`service.io.heif_items`, before decoding)
+and the thumbnail's (`service.io.decoding.check_heif_thumbnail`, after a full decode). `--without container`
+and/or `--without thumbnail` leave them out (both: libheif's own errors only, as before either). A refusal is
+a 422; anything else decoded into pixels.
 
-`python -m bench.heic_damage --trials 30` prints one line per size and share (a few minutes here: each 12 MP
-copy the check lets through decodes its 48 tiles).
+`python -m bench.heic_damage --trials 30` prints one line per size and amount (a few minutes here: each
+12 MP copy the container check lets through decodes its 48 tiles).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from service.io import decoding
 from service.io.decoding import DecodeLimits, UploadRejected, decode_upload, register_heif
 from service.io.heif_items import boxes
 
-SHARES = (0.001, 0.01, 0.1, 1.0)
+AMOUNTS = ("10 bytes", 0.001, 0.01, 0.1, 1.0)  # a count of bytes, or a share of the media data
 LIMITS = DecodeLimits(max_pixels=50_000_000, min_side=64, decode_min_side=320)
 Damage = Callable[[np.ndarray, int, int, np.random.Generator], None]
 
@@ -33,7 +35,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--trials", type=int, default=30, help="damaged copies per size, share and kind")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--without-check", action="store_true", help="libheif alone, as before the check")
+    parser.add_argument(
+        "--without",
+        choices=("container", "thumbnail"),
+        action="append",
+        default=[],
+        help="leave a check out (give both for libheif alone, as before either)",
+    )
     return parser
 
 
@@ -58,10 +66,14 @@ def _as_one_span(file_bytes: np.ndarray, start: int, count: int, rng: np.random.
 DAMAGES: dict[str, Damage] = {"random positions": _at_random_positions, "one span": _as_one_span}
 
 
-def refused(data: bytes, share: float, damage: Damage, rng: np.random.Generator) -> bool:
+def damaged_bytes(amount: str | float, media_bytes: int) -> int:
+    return int(amount.split()[0]) if isinstance(amount, str) else max(1, int(amount * media_bytes))
+
+
+def refused(data: bytes, amount: str | float, damage: Damage, rng: np.random.Generator) -> bool:
     start, end = media_data(data)
     damaged = np.frombuffer(data[:end], np.uint8).copy()  # what follows mdat (if anything) stays as it is
-    damage(damaged, start, max(1, int(share * (end - start))), rng)
+    damage(damaged, start, damaged_bytes(amount, end - start), rng)
     try:
         decode_upload(damaged.tobytes() + data[end:], LIMITS)
     except UploadRejected:
@@ -80,17 +92,20 @@ def photos() -> dict[str, bytes]:
 
 def main(args: argparse.Namespace) -> None:
     register_heif(2)
-    if args.without_check:
-        decoding.check_heif = lambda data: None  # the comparison's "before"
+    if "container" in args.without:
+        decoding.check_heif = lambda data: None
+    if "thumbnail" in args.without:
+        decoding.check_heif_thumbnail = lambda picture, data: None
     rng = np.random.default_rng(args.seed)
     for name, data in photos().items():
         decode_upload(data, LIMITS)  # the undamaged photo decodes
-        for share in SHARES:
+        for amount in AMOUNTS:
             counts = [
-                f"{kind} {sum(refused(data, share, damage, rng) for _ in range(args.trials))}/{args.trials}"
+                f"{kind} {sum(refused(data, amount, damage, rng) for _ in range(args.trials))}/{args.trials}"
                 for kind, damage in DAMAGES.items()
             ]
-            print(f"{name}, {100 * share:g} % of mdat overwritten, refused: {', '.join(counts)}", flush=True)
+            label = amount if isinstance(amount, str) else f"{100 * amount:g} % of mdat"
+            print(f"{name}, {label} overwritten, refused: {', '.join(counts)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from bench.heic_damage import media_data
-from service.io.decoding import DecodeLimits, UploadRejected, decode_upload, register_heif
+from service.io.decoding import (
+    THUMBNAIL_DISAGREEMENT,
+    DecodeLimits,
+    UploadRejected,
+    _decode,
+    decode_upload,
+    register_heif,
+    thumbnail_disagreement,
+)
 from service.io.heif_items import DamagedHeif, _check_nal_units, check_heif_items
 
 LIMITS = DecodeLimits(max_pixels=50_000_000, min_side=64, decode_min_side=320)
@@ -97,6 +105,61 @@ def test_a_container_the_reader_does_not_follow_is_left_to_libheif() -> None:
     data = _heic((800, 600))
     meta = data.index(b"iloc")
     assert check_heif_items(data[: meta - 4] + b"\x00\x00\x00\x08xxxx" + data[meta + 4 :]) == 0
+
+
+def _vcl_units(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each coded slice's NAL unit payload in the media data, which libheif writes as one
+    run of 4-byte length-prefixed NAL units, picture after picture."""
+    position, end = media_data(data)
+    units = []
+    while position < end:
+        length = int.from_bytes(data[position : position + 4], "big")
+        if (data[position + 4] >> 1) & 63 < 32:
+            units.append((position + 4, position + 4 + length))
+        position += 4 + length
+    return units
+
+
+def _damaged_inside_a_slice(data: bytes, unit: int) -> bytes:
+    """Random bytes over the middle half of one coded slice: every NAL length and header stays intact."""
+    start, end = _vcl_units(data)[unit]
+    first, last = start + (end - start) // 4, end - (end - start) // 4
+    noise = np.random.default_rng(unit).integers(1, 256, last - first, np.uint8).tobytes()
+    return data[:first] + noise + data[last:]
+
+
+@pytest.fixture(scope="module")
+def grid_with_thumbnail() -> bytes:
+    return _heic((1024, 768), tile_size=256, thumbnails=[320])
+
+
+def test_a_sound_heic_agrees_with_its_own_thumbnail(grid_with_thumbnail: bytes) -> None:
+    picture, _, drafted = _decode(grid_with_thumbnail, draft_side=None)
+    assert not drafted
+    disagreement = thumbnail_disagreement(picture, grid_with_thumbnail)
+    assert disagreement is not None and disagreement <= THUMBNAIL_DISAGREEMENT
+    assert decode_upload(grid_with_thumbnail, LIMITS).original_size == (1024, 768)
+
+
+@pytest.mark.parametrize("unit", [1, 5, 10])  # three of the 12 tiles' slices (the thumbnail's comes last)
+def test_damage_inside_a_slice_is_refused_where_the_thumbnail_disagrees(
+    grid_with_thumbnail: bytes, unit: int
+) -> None:
+    """Damage that leaves every NAL unit whole passes the container check and decodes without an error,
+    into a picture partly of noise: only its disagreement with the thumbnail shows it."""
+    damaged = _damaged_inside_a_slice(grid_with_thumbnail, unit)
+    assert check_heif_items(damaged) == 13
+    with Image.open(io.BytesIO(damaged)) as image:
+        image.load()
+    with pytest.raises(UploadRejected, match="does not match the photo's own thumbnail") as rejected:
+        decode_upload(damaged, LIMITS)
+    assert rejected.value.code == "undecodable_image" and rejected.value.status == 422
+
+
+def test_a_heic_without_a_thumbnail_is_not_compared() -> None:
+    data = _heic((800, 600))
+    picture, _, _ = _decode(data, draft_side=None)
+    assert thumbnail_disagreement(picture, data) is None
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ when it has enough pixels; otherwise the photo is decoded in full, its grid tile
 PNG has neither (Pillow decodes it in full, once, and the crop is cut from those pixels).
 
 Before any of that, the bytes are checked where a decoder would not complain: a JPEG's marker segments, a
-PNG's chunks, a HEIC's coded pictures (`service.io.heif_items`).
+PNG's chunks, a HEIC's coded pictures (`service.io.heif_items`); and after it, a HEIC decoded in full
+against its own thumbnail.
 """
 
 from __future__ import annotations
@@ -310,6 +311,63 @@ def check_heif(data: bytes) -> None:
         raise UploadRejected(f"the HEIC is damaged ({error}); take or send the photo again") from error
 
 
+# A HEIC's thumbnail is coded apart from its picture, so it is a second witness of it. Damage inside one
+# slice's coded data leaves the NAL units whole (check_heif cannot see it) and libheif decodes noise there
+# without an error; that part of the picture then no longer looks like the thumbnail. Both are compared as
+# means over cells of THUMBNAIL_CELL thumbnail pixels, coarse enough that the thumbnail's own resampling
+# filter and compression do not count (README "Bad input" has the measured margins).
+THUMBNAIL_CELL = 16
+# Above every sound HEIC measured (README "Bad input"): the thumbnail's own coding error is what sound ones
+# show, largest (33) in a 128 px thumbnail coded at x265's fastest preset; damage mostly shows far more.
+THUMBNAIL_DISAGREEMENT = 48
+
+
+def check_heif_thumbnail(picture: Image.Image, data: bytes) -> None:
+    """Refuse a HEIC whose fully decoded `picture` (upright RGB) disagrees with its own smallest thumbnail
+    somewhere; a HEIC without a thumbnail that is a scaled copy of it is not checked."""
+    disagreement = thumbnail_disagreement(picture, data)
+    if disagreement is not None and disagreement > THUMBNAIL_DISAGREEMENT:
+        raise UploadRejected(
+            "the HEIC is damaged (part of the picture does not match the photo's own thumbnail); "
+            "take or send the photo again"
+        )
+
+
+def thumbnail_disagreement(picture: Image.Image, data: bytes) -> int | None:
+    """The largest difference between `picture` and its smallest thumbnail, as means over cells in any
+    channel, or None when there is no thumbnail to compare with."""
+    thumbnail = _smallest_thumbnail(data)
+    if thumbnail is None:
+        return None
+    cells = (thumbnail.width // THUMBNAIL_CELL, thumbnail.height // THUMBNAIL_CELL)
+    if min(cells) < 2:
+        return None
+    factor = max(1, min(picture.width // thumbnail.width, picture.height // thumbnail.height))
+    reduced = picture.reduce(factor) if factor >= 2 else picture  # a box filter, as the cells are
+    picture_means, thumbnail_means = (
+        np.asarray(image.resize(cells, Image.Resampling.BOX), np.int16) for image in (reduced, thumbnail)
+    )
+    return int(np.abs(picture_means - thumbnail_means).max())
+
+
+def _smallest_thumbnail(data: bytes) -> Image.Image | None:
+    """A HEIC's smallest thumbnail that is a scaled copy of it, upright RGB as its picture; None if none."""
+    image = _open(data)
+    header_size = image.size
+    image.draft("RGB", (1, 1))
+    if image.size == header_size or not _same_shape(image.size, header_size):
+        image.close()
+        return None
+    try:
+        thumbnail, _, _ = _decode_opened(image, data, draft_side=None, compare_thumbnail=False)
+    except BaseException:
+        image.close()
+        raise
+    if thumbnail is not image:
+        image.close()
+    return thumbnail
+
+
 def jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the frame header of a JPEG (or JPEG-LS), read before decoding; None if none."""
     for marker, payload in _jpeg_segments(data):
@@ -399,10 +457,13 @@ def _decode(data: bytes, draft_side: int | None) -> tuple[Image.Image, int, bool
     return decoded
 
 
-def _decode_opened(image: Image.Image, data: bytes, draft_side: int | None) -> tuple[Image.Image, int, bool]:
+def _decode_opened(
+    image: Image.Image, data: bytes, draft_side: int | None, *, compare_thumbnail: bool = True
+) -> tuple[Image.Image, int, bool]:
     """Upright RGB pixels, the EXIF orientation applied, and whether a reduced decode (JPEG DCT scaling,
-    a HEIC thumbnail) gave them. An upright RGB image comes back as itself, loaded, not copied: the caller
-    must not close it (closing frees its pixels), and need not (it reads from bytes in memory)."""
+    a HEIC thumbnail) gave them; a HEIC decoded in full is checked against its thumbnail unless told not
+    to. An upright RGB image comes back as itself, loaded, not copied: the caller must not close it
+    (closing frees its pixels), and need not (it reads from bytes in memory)."""
     try:
         header_size = image.size
         if draft_side is not None and image.format in _REDUCIBLE:
@@ -415,6 +476,8 @@ def _decode_opened(image: Image.Image, data: bytes, draft_side: int | None) -> t
         orientation = exif_orientation(image)
         rgb = to_rgb(image, orientation)
         rgb.load()  # decode here, inside the error handling: a truncated file fails now, as a 422
+        if compare_thumbnail and image.format == "HEIF" and not drafted:
+            check_heif_thumbnail(rgb, data)
         return rgb, orientation, drafted
     except (MemoryError, UploadRejected):
         raise

@@ -11,9 +11,10 @@ together: each HEVC item (a grid tile, a whole picture, a thumbnail) must lie in
 of length-prefixed NAL units that fills it exactly, each with a valid NAL header and a nonzero last byte
 (H.265 7.4.2: "the last byte of the NAL unit shall not be equal to 0x00"), and at least one coded slice.
 
-Damage inside a slice's entropy-coded data that leaves the NAL lengths intact is not seen: only decoding
-could see it. So this catches damage that reaches the length fields, which is likelier the more bytes are
-damaged and the more tiles a photo has.
+Damage inside a slice's entropy-coded data that leaves the NAL lengths intact is not seen here: only
+decoding shows it, and a HEIC decoded in full is then compared with its own thumbnail
+(`service.io.decoding.check_heif_thumbnail`). So this catches damage that reaches the length fields, which
+is likelier the more bytes are damaged and the more tiles a photo has.
 
 The walk only refuses on positive evidence. A container it does not understand (no `meta`, an item
 location it cannot resolve, an item stored in another item) is left to libheif, which knows more variants
