@@ -33,7 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--trials", type=int, default=30, help="damaged copies per size, share and kind")
+    parser.add_argument("--trials", type=int, default=30, help="damaged copies per size, amount and kind")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--without",
