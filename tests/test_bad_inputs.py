@@ -21,8 +21,8 @@ from bench.run import Server
 from service.app import create_app
 from service.settings import Settings
 from tests import dicom_inputs as dcm
+from tests import heic_inputs
 from tests import service_inputs as make
-from tests.test_heif_items import _damaged_inside_a_slice, _heic
 
 pytestmark = pytest.mark.slow
 
@@ -262,7 +262,7 @@ CORPUS: list[tuple[str, bytes, str, int, str]] = [
     ("avif", _avif(), "image/avif", 415, "unsupported_image_type"),
     (
         "heic: noise inside one tile's slice (its thumbnail disagrees)",
-        _damaged_inside_a_slice(_heic((1024, 768), tile_size=256, thumbnails=[320]), 5),
+        heic_inputs.damaged_inside_a_slice(heic_inputs.heic((1024, 768), tile_size=256, thumbnails=[320]), 5),
         "image/heic",
         422,
         "undecodable_image",

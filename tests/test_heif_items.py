@@ -17,28 +17,14 @@ from service.io.decoding import (
     UploadRejected,
     _decode,
     decode_upload,
-    register_heif,
     thumbnail_disagreement,
 )
 from service.io.heif_items import DamagedHeif, _check_nal_units, check_heif_items
+from tests.heic_inputs import damaged_inside_a_slice, heic
 
 LIMITS = DecodeLimits(max_pixels=50_000_000, min_side=64, decode_min_side=320)
 SLICE = bytes([0x26, 0x01]) + b"\xaf\x10\x80"  # an IDR slice's NAL header, a payload ending in a stop bit
 PARAMETERS = bytes([0x40, 0x01]) + b"\x0c\x01"  # a VPS
-
-
-def _scene(size: tuple[int, int]) -> Image.Image:
-    y, x = np.mgrid[0 : size[1], 0 : size[0]].astype(np.float64)
-    ripple = 40 * np.sin(x / 29.0) * np.cos(y / 17.0)
-    pixels = np.dstack([x * 200 / size[0] + ripple, y * 200 / size[1] - ripple, np.full_like(x, 90.0)])
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-def _heic(size: tuple[int, int], **options: object) -> bytes:
-    register_heif(1)
-    buffer = io.BytesIO()
-    _scene(size).save(buffer, "HEIF", quality=80, enc_params={"preset": "ultrafast"}, **options)
-    return buffer.getvalue()
 
 
 def _nal(*units: bytes, length_size: int = 4) -> bytes:
@@ -56,7 +42,7 @@ def _nal(*units: bytes, length_size: int = 4) -> bytes:
 def test_every_coded_picture_of_a_sound_heic_is_checked_and_passes(
     size: tuple[int, int], options: dict[str, object], pictures: int
 ) -> None:
-    data = _heic(size, **options)
+    data = heic(size, **options)
     assert check_heif_items(data) == pictures
     assert decode_upload(data, LIMITS).original_size == size
 
@@ -64,7 +50,7 @@ def test_every_coded_picture_of_a_sound_heic_is_checked_and_passes(
 def test_a_grid_heic_with_damaged_tiles_is_refused_though_libheif_decodes_it() -> None:
     """A phone's HEIC is a grid of tiles, and libheif decodes a grid whose tiles are damaged without an
     error (a single picture it refuses where the damage reaches a NAL length)."""
-    data = bytearray(_heic((1024, 768), tile_size=256))
+    data = bytearray(heic((1024, 768), tile_size=256))
     start, end = media_data(bytes(data))
     damaged = (end - start) // 10
     middle = start + (end - start - damaged) // 2
@@ -102,35 +88,14 @@ def test_sound_nal_units_pass_whatever_the_length_field_size() -> None:
 def test_a_container_the_reader_does_not_follow_is_left_to_libheif() -> None:
     assert check_heif_items(b"") == 0
     assert check_heif_items(b"\x00\x00\x00\x10ftypheic\x00\x00\x00\x00") == 0  # no meta box
-    data = _heic((800, 600))
+    data = heic((800, 600))
     meta = data.index(b"iloc")
     assert check_heif_items(data[: meta - 4] + b"\x00\x00\x00\x08xxxx" + data[meta + 4 :]) == 0
 
 
-def _vcl_units(data: bytes) -> list[tuple[int, int]]:
-    """(start, end) of each coded slice's NAL unit payload in the media data, which libheif writes as one
-    run of 4-byte length-prefixed NAL units, picture after picture."""
-    position, end = media_data(data)
-    units = []
-    while position < end:
-        length = int.from_bytes(data[position : position + 4], "big")
-        if (data[position + 4] >> 1) & 63 < 32:
-            units.append((position + 4, position + 4 + length))
-        position += 4 + length
-    return units
-
-
-def _damaged_inside_a_slice(data: bytes, unit: int) -> bytes:
-    """Random bytes over the middle half of one coded slice: every NAL length and header stays intact."""
-    start, end = _vcl_units(data)[unit]
-    first, last = start + (end - start) // 4, end - (end - start) // 4
-    noise = np.random.default_rng(unit).integers(1, 256, last - first, np.uint8).tobytes()
-    return data[:first] + noise + data[last:]
-
-
 @pytest.fixture(scope="module")
 def grid_with_thumbnail() -> bytes:
-    return _heic((1024, 768), tile_size=256, thumbnails=[320])
+    return heic((1024, 768), tile_size=256, thumbnails=[320])
 
 
 def test_a_sound_heic_agrees_with_its_own_thumbnail(grid_with_thumbnail: bytes) -> None:
@@ -147,7 +112,7 @@ def test_damage_inside_a_slice_is_refused_where_the_thumbnail_disagrees(
 ) -> None:
     """Damage that leaves every NAL unit whole passes the container check and decodes without an error,
     into a picture partly of noise: only its disagreement with the thumbnail shows it."""
-    damaged = _damaged_inside_a_slice(grid_with_thumbnail, unit)
+    damaged = damaged_inside_a_slice(grid_with_thumbnail, unit)
     assert check_heif_items(damaged) == 13
     with Image.open(io.BytesIO(damaged)) as image:
         image.load()
@@ -157,14 +122,14 @@ def test_damage_inside_a_slice_is_refused_where_the_thumbnail_disagrees(
 
 
 def test_a_heic_without_a_thumbnail_is_not_compared() -> None:
-    data = _heic((800, 600))
+    data = heic((800, 600))
     picture, _, _ = _decode(data, draft_side=None)
     assert thumbnail_disagreement(picture, data) is None
 
 
 @pytest.fixture(scope="module")
 def small_heic() -> bytes:
-    return _heic((512, 384), tile_size=256, thumbnails=[128])
+    return heic((512, 384), tile_size=256, thumbnails=[128])
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

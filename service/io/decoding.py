@@ -352,20 +352,14 @@ def thumbnail_disagreement(picture: Image.Image, data: bytes) -> int | None:
 
 def _smallest_thumbnail(data: bytes) -> Image.Image | None:
     """A HEIC's smallest thumbnail that is a scaled copy of it, upright RGB as its picture; None if none."""
-    image = _open(data)
-    header_size = image.size
-    image.draft("RGB", (1, 1))
-    if image.size == header_size or not _same_shape(image.size, header_size):
-        image.close()
-        return None
-    try:
+    with _open(data) as image:
+        header_size = image.size
+        image.draft("RGB", (1, 1))
+        if image.size == header_size or not _same_shape(image.size, header_size):
+            return None
         thumbnail, _, _ = _decode_opened(image, data, draft_side=None, compare_thumbnail=False)
-    except BaseException:
-        image.close()
-        raise
-    if thumbnail is not image:
-        image.close()
-    return thumbnail
+        # Closing the file frees the pixels of an image that came back as itself: keep a copy (a thumbnail).
+        return thumbnail.copy() if thumbnail is image else thumbnail
 
 
 def jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
