@@ -17,6 +17,7 @@ from training.tasks.quality import (
     choose,
     get_args_parser,
     not_acetic_threshold,
+    not_sharp_threshold,
 )
 
 FOLDS = 4
@@ -227,6 +228,39 @@ def test_choose_bounds_acetic_crops_per_transform_only_when_asked(pools: Pools) 
     assert not_acetic(*training, "each-transform") == not_acetic(*training, "pooled")
 
 
+def test_the_not_sharp_sensitivity_holds_in_every_transform_that_has_blurred_crops() -> None:
+    # Blurred 8 MP framed crops score less "not sharp" than blurred upright ones; "sharp_only" has none.
+    score = np.concatenate([np.linspace(0.4, 0.95, 50), np.linspace(0.1, 0.65, 50), np.full(10, 0.05)])
+    not_sharp = np.concatenate([np.ones(100, int), np.zeros(10, int)])
+    transform = np.array(["as_taken"] * 50 + ["framed_8mp"] * 50 + ["as_taken"] * 5 + ["sharp_only"] * 5)
+    pooled = not_sharp_threshold(not_sharp, score, 0.98)
+    each = not_sharp_threshold(not_sharp, score, 0.98, transform)
+    blurred = {name: (transform == name) & (not_sharp == 1) for name in ("as_taken", "framed_8mp")}
+    assert np.mean(score[blurred["framed_8mp"]] >= pooled) < 0.98  # pooled, the framed crops pay
+    for rows in blurred.values():
+        assert np.mean(score[rows] >= each) >= 0.98
+    assert each == not_sharp_threshold(not_sharp[blurred["framed_8mp"]], score[blurred["framed_8mp"]], 0.98)
+
+
+def test_choose_bounds_not_sharp_crops_per_transform_only_when_asked(pools: Pools) -> None:
+    # Half of each fold's served crops are "framed", and their blur shows less in the focus features.
+    framed = np.tile([False, True], pools.served_fold.size // 2)
+    faint = {k: v.copy() for k, v in pools.served_feats.items()}
+    faint["focus"][framed & (pools.served_labels["sharp"] == 0), 0] += 1.0
+    looks = replace(pools, served_feats=faint, served_transform=np.where(framed, "framed_8mp", "as_taken"))
+    one_head = ("--stage-c", "1", "--stage-weighting", "none", "--stage-synthetic", "with")
+
+    def not_sharp(*extra: str) -> float:
+        return choose(looks, {0}, [1, 2, 3], _args("--focus-c", "1", *one_head, *extra)).thresholds[
+            "not_sharp"
+        ]
+
+    assert not_sharp("--focus-bound", "each-transform") < not_sharp("--focus-bound", "pooled")
+    # Without transforms (training crops) the two bounds are one rule.
+    training = ("--inner-crops", "training", "--focus-bound")
+    assert not_sharp(*training, "each-transform") == not_sharp(*training, "pooled")
+
+
 def test_decision_consistency_names_the_check_that_flips() -> None:
     """Two clean photos under two transforms: photo 0 turns not sharp when rotated, photo 1 never changes;
     both are flagged not acetic throughout. Whole decisions agree for one photo of two, each check alone
@@ -237,7 +271,8 @@ def test_decision_consistency_names_the_check_that_flips() -> None:
         "photo": np.array([0, 1, 0, 1]),
         "transform": np.array(["as_taken", "as_taken", "rotate90", "rotate90"]),
         "p_sharp": np.array([0.9, 0.9, 0.2, 0.9]),
-        "threshold_not_sharp_balanced": np.full(n, 0.5),
+        "threshold_not_sharp": np.full(n, 0.5),  # the service's default point
+        "threshold_not_sharp_balanced": np.full(n, 0.95),  # would flag nothing
         "p_stage": np.tile([0.1, 0.9, 0.0, 0.0], (n, 1)),
         "threshold_not_acetic": np.full(n, 0.3),
         "exposure_ok": np.ones(n, bool),
@@ -271,6 +306,33 @@ def test_stage_variants_score_each_outer_fold_with_its_own_nested_head() -> None
     assert p_acetic[acetic].mean() > p_acetic[~acetic].mean()
     line = describe(saved, flagged, p_acetic)
     assert "flagged as taken" in line and f"of {FOLDS * 20} photos" in line
+
+
+def test_focus_bounds_replay_both_rules_on_each_outer_fold() -> None:
+    from training.focus_bounds import describe, flags_by_bound
+
+    rng = np.random.default_rng(12)
+    saved: dict[str, np.ndarray] = {}
+    for pool, n in (("real", FOLDS * PER_FOLD), ("synthetic", 60), ("served", FOLDS * 40)):
+        feats, labels = _pool(rng, n)
+        saved |= {f"{pool}.{k}": v for k, v in (feats | labels).items()}
+    turned = np.tile([False, True], FOLDS * 20)
+    saved["served.focus"][turned & (saved["served.sharp"] == 0), 0] += 1.0  # blur shows less turned
+    saved["real_fold"] = np.repeat(np.arange(FOLDS), PER_FOLD)
+    saved["served_fold"] = np.repeat(np.arange(FOLDS), 40)
+    saved["served_photo"] = np.repeat(np.arange(FOLDS * 20), 2)  # each photo as taken and turned
+    saved["served_transform"] = np.where(turned, "rotate90", "as_taken")
+    saved["served_variant"] = np.zeros(FOLDS * 40, int)
+    one_strength = ("--focus-c", "1")
+    pooled = flags_by_bound(saved, "pooled", one_strength)["not_sharp"]
+    each = flags_by_bound(saved, "each-transform", one_strength)["not_sharp"]
+    # The same heads with thresholds no higher: every crop the pooled bound calls, the per-transform one
+    # calls too, and it catches more of the turned blurred crops.
+    assert np.all(each[pooled])
+    turned_blurred = turned & (saved["served.sharp"] == 0)
+    assert each[turned_blurred].mean() > pooled[turned_blurred].mean()
+    line = describe(saved, each)
+    assert "as taken" in line and "rotate90" in line and f"of {FOLDS * 20}" in line
 
 
 def test_focus_points_report_the_inner_folds_figures_without_the_outer_fold(pools: Pools) -> None:

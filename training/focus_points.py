@@ -19,6 +19,7 @@ from training.stage_variants import load_saved_features, saved_pools
 from training.tasks.quality import (
     Pools,
     _fit_sharp,
+    _focus_groups,
     _stack,
     choose,
     get_args_parser,
@@ -42,7 +43,10 @@ def inner_specificities(
         labels.append(fold_labels)
     p_sharp, pooled = np.concatenate(scores), _stack(labels)
     rules = {"not_sharp_balanced": args.balanced_sensitivity, "not_sharp": args.target_sensitivity}
-    return c, {name: specificity_at_sensitivity(p_sharp, pooled, target) for name, target in rules.items()}
+    groups = _focus_groups(pooled, args)
+    return c, {
+        name: specificity_at_sensitivity(p_sharp, pooled, target, groups) for name, target in rules.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,6 +57,8 @@ from torch import nn
 from service.inference.manifest import OutputSpec
 from service.inference.preprocess import crop, fit
 from service.pipeline import measures
+from service.pipeline.rules import focus_threshold
+from service.settings import Settings
 from training import backbones, device_suite, engine, metrics, presets, reports
 from training import export as export_step
 from training.data.annotations import draw_random_marks
@@ -123,6 +125,13 @@ INNER_CROPS = ("training", "served")
 # ones, the photos phones take. "each-transform" takes the lowest of the per-transform thresholds, so the
 # bound holds for every look on the inner folds. Training crops carry no transform: one group.
 ACETIC_BOUNDS = ("each-transform", "pooled")
+# Over which crops the two not-sharp sensitivities hold. Pooled over the served crops (the default), the
+# 98 % point catches 98.1 % of blurred photos as taken but 95.3 % of 8 MP framed and 97.1 % of portrait
+# ones on the outer folds, where the issue asks 98 % under each look. "each-transform" takes the lowest of
+# the per-transform thresholds, as for not_acetic; tried (training/README.md, `training.focus_bounds`), it
+# caught 97.2-100 % under the suite but kept only 81.6 % of sharp portrait photos and 82.6 % of preview
+# frames (the issue's floor: 85 %), so it stays an option.
+FOCUS_BOUNDS = ("pooled", "each-transform")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -201,7 +210,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--balanced-sensitivity",
         type=float,
         default=0.95,
-        help="second operating point (the service's default)",
+        help="second, balanced operating point (CERVIGATE_FOCUS_OPERATING_POINT=balanced)",
     )
     parser.add_argument(
         "--max-acetic-recapture",
@@ -215,6 +224,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=ACETIC_BOUNDS[0],
         help="that share holds under each suite transform of the inner folds' served crops, or over "
         "them pooled (see ACETIC_BOUNDS)",
+    )
+    parser.add_argument(
+        "--focus-bound",
+        choices=FOCUS_BOUNDS,
+        default=FOCUS_BOUNDS[0],
+        help="the not-sharp sensitivities hold over the inner folds' served crops pooled, or under each "
+        "suite transform of them (see FOCUS_BOUNDS)",
     )
     parser.add_argument("--no-suite", action="store_true", help="held-out photos as taken only (smoke runs)")
     parser.add_argument(
@@ -734,12 +750,28 @@ class Choice:
     stage_flagged: dict[StageCandidate, float]  # per view and C, mean share of non-acetic crops flagged
 
 
-def specificity_at_sensitivity(p_sharp: np.ndarray, labels: dict[str, np.ndarray], target: float) -> float:
-    """Share of sharp crops kept at the threshold that catches `target` of the not-sharp ones."""
+def specificity_at_sensitivity(
+    p_sharp: np.ndarray, labels: dict[str, np.ndarray], target: float, groups: np.ndarray | None = None
+) -> float:
+    """Share of sharp crops kept at the threshold that catches `target` of the not-sharp ones (in every
+    one of `groups` when given, see not_sharp_threshold)."""
     known = ~np.isnan(labels["sharp"])
     not_sharp, score = 1 - labels["sharp"][known], 1 - p_sharp[known]
-    threshold = metrics.threshold_for_sensitivity(not_sharp, score, target)
+    threshold = not_sharp_threshold(not_sharp, score, target, None if groups is None else groups[known])
     return float(np.mean(score[not_sharp == 0] < threshold))
+
+
+def not_sharp_threshold(
+    not_sharp: np.ndarray, score: np.ndarray, target: float, groups: np.ndarray | None = None
+) -> float:
+    """The 1 - P(sharp) from which a crop is called not sharp: at least `target` of the not-sharp crops,
+    in every one of `groups` (the lowest of their thresholds) when given."""
+    if groups is not None and np.any(not_sharp == 1):
+        with_blurred = np.unique(groups[not_sharp == 1])  # a group without blurred crops bounds nothing
+        return min(
+            not_sharp_threshold(not_sharp[groups == g], score[groups == g], target) for g in with_blurred
+        )
+    return metrics.threshold_for_sensitivity(not_sharp, score, target)
 
 
 def _non_acetic_flagged(
@@ -781,7 +813,9 @@ def choose(pools: Pools, excluded: set[int], inner_folds: list[int], args: argpa
         labels.append(fold_labels)
     pooled = _stack(labels)
     specificity = {
-        c: specificity_at_sensitivity(np.concatenate(p), pooled, args.balanced_sensitivity)
+        c: specificity_at_sensitivity(
+            np.concatenate(p), pooled, args.balanced_sensitivity, _focus_groups(pooled, args)
+        )
         for c, p in p_sharp.items()
     }
     flagged = {k: _non_acetic_flagged(np.concatenate(p), pooled, args) for k, p in p_stage.items()}
@@ -802,9 +836,11 @@ def thresholds_from(
     """The three operating points by their rules, on predictions of models that did not see these crops."""
     known = ~np.isnan(labels["sharp"])
     not_sharp, score = 1 - labels["sharp"][known], 1 - scores["p_sharp"][known]
+    groups = _focus_groups(labels, args)
+    focus_groups = None if groups is None else groups[known]
     return {
-        "not_sharp": metrics.threshold_for_sensitivity(not_sharp, score, args.target_sensitivity),
-        "not_sharp_balanced": metrics.threshold_for_sensitivity(not_sharp, score, args.balanced_sensitivity),
+        "not_sharp": not_sharp_threshold(not_sharp, score, args.target_sensitivity, focus_groups),
+        "not_sharp_balanced": not_sharp_threshold(not_sharp, score, args.balanced_sensitivity, focus_groups),
         "not_acetic": not_acetic_threshold(
             scores["p_stage"], labels["stage"], args.max_acetic_recapture, _bound_groups(labels, args)
         ),
@@ -816,8 +852,13 @@ def _bound_groups(labels: dict[str, np.ndarray], args: argparse.Namespace) -> np
     return labels.get("transform") if args.acetic_bound == "each-transform" else None
 
 
-def _bound_text(args: argparse.Namespace) -> str:
-    each = args.acetic_bound == "each-transform" and args.inner_crops == "served"
+def _focus_groups(labels: dict[str, np.ndarray], args: argparse.Namespace) -> np.ndarray | None:
+    """The groups the not-sharp sensitivities hold in (FOCUS_BOUNDS): each crop's transform, or none."""
+    return labels.get("transform") if args.focus_bound == "each-transform" else None
+
+
+def _bound_text(bound: str, args: argparse.Namespace) -> str:
+    each = bound == "each-transform" and args.inner_crops == "served"
     return "under each transform" if each else "pooled"
 
 
@@ -1088,8 +1129,9 @@ def summarise(
         "fold_thresholds": fold_thresholds,
         "threshold_rule": (
             "nested: each outer fold's thresholds come from its inner folds' predictions (not sharp: "
-            f"sensitivity >= {args.target_sensitivity} and >= {args.balanced_sensitivity} (balanced); not "
-            f"acetic: at most {args.max_acetic_recapture:.0%} of acetic-acid crops, {_bound_text(args)}) and "
+            f"sensitivity >= {args.target_sensitivity} and >= {args.balanced_sensitivity} (balanced), "
+            f"{_bound_text(args.focus_bound, args)}; not acetic: at most {args.max_acetic_recapture:.0%} of "
+            f"acetic-acid crops, {_bound_text(args.acetic_bound, args)}) and "
             "are applied to the outer fold's served crops; the shipped model's by the same rules on the "
             "predictions for every real fold of models fitted without it; inner folds scored on their "
             f"{args.inner_crops} crops"
@@ -1141,12 +1183,15 @@ def summarise(
 
 def _consistency(pooled: dict[str, np.ndarray]) -> dict[str, object]:
     """The gate's decision on each clean held-out photo (accept, or the set of recapture reasons this model
-    and the exposure measures give) compared across the suite's transforms."""
+    and the exposure measures give, at the service's default thresholds) compared across the suite's
+    transforms."""
     clean = pooled["variant"] == 0
+    # At the focus point the service applies by default (up to 3.4.0 this read the balanced one).
+    served_point = f"threshold_{focus_threshold(Settings.model_construct())}"
     decisions: dict[str, dict[int, str]] = {}
     for i in np.flatnonzero(clean):
         reasons = []
-        if 1 - pooled["p_sharp"][i] >= pooled["threshold_not_sharp_balanced"][i]:
+        if 1 - pooled["p_sharp"][i] >= pooled[served_point][i]:
             reasons.append("not_sharp")
         if pooled["p_stage"][i, 0] < pooled["threshold_not_acetic"][i]:
             reasons.append("not_acetic")
@@ -1207,6 +1252,10 @@ CHANGELOG = (
     "are applied to, and not_acetic keeps at most 10 % of acetic crops flagged under each suite transform "
     "(--acetic-bound each-transform), not only pooled over them. Inner folds chose focus C 0.3; not_acetic "
     "0.093 (was 0.311), not_sharp 0.337. Heads refitted.",
+    "3.4.1: same network, heads and thresholds (the run reproduces 3.4.0's); the report's decision "
+    "stability under the suite is measured at the service's default focus point (not_sharp, the 98 % one), "
+    "where up to 3.4.0 it read the balanced one. --focus-bound each-transform was tried and not adopted "
+    "(training/README.md).",
 )
 # The focus features are logs of mean edge magnitudes, and the folded sharp head weighs 132 of them, some
 # with large weights (features of small spread): float32 summation order (PyTorch vs ONNX Runtime) moves its
@@ -1294,7 +1343,7 @@ def describe(summary: dict, checkpoint: dict) -> common.TaskDescription:
             },
             "not_sharp_score": (
                 "1 - sigmoid(sharp_logit); not sharp when >= thresholds.not_sharp (high-sensitivity "
-                "operating point) or thresholds.not_sharp_balanced (the service's default)"
+                "operating point, the service's default) or thresholds.not_sharp_balanced (balanced)"
             ),
             "sharp_means": "PSF radius <= 0.25 % of the short side of the cervix region the crop shows",
             "min_cervix_px": MIN_CERVIX_PX,
