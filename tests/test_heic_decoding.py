@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pillow_heif
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from service.inference.runtime import ModelSet, load_models
-from service.io.decoding import DecodeLimits, UploadRejected, decode_upload, register_heif
+from service.io.decoding import DecodeLimits, RowBuffer, UploadRejected, _decode, decode_upload, register_heif
 from service.pipeline.stages import Pipeline
 from service.settings import Settings
 
@@ -89,6 +91,79 @@ def test_an_iphone_thumbnail_too_small_for_the_detector_is_not_used() -> None:
     # Cut from the full decode, then reduced by a whole factor (1000 // 448 = 2) as JPEG's DCT scaling does.
     expected = np.asarray(Image.fromarray(full[:1000, :1000]).reduce(2))
     np.testing.assert_array_equal(image.region((0, 0, 1000, 1000), min_side=448), expected)
+
+
+def test_a_heic_decoded_in_full_stays_in_libheifs_buffer() -> None:
+    """No full-size Pillow copy (4 bytes a pixel) beside libheif's picture (3): the whole-photo stage and
+    the crop are reduced from libheif's rows, and give what Pillow's own full decode gives."""
+    data = _heic(_scene(), [320])
+    picture, _, drafted = _decode(data, draft_side=320)
+    assert isinstance(picture, RowBuffer) and not drafted
+    assert picture.size == SIZE and picture.stride >= 3 * SIZE[0]
+    full = Image.fromarray(_full_decode(data))
+    np.testing.assert_array_equal(np.asarray(picture.reduce(4)), np.asarray(full.reduce(4)))
+    np.testing.assert_array_equal(
+        np.asarray(picture.crop((7, 5, 901, 633))), np.asarray(full.crop((7, 5, 901, 633)))
+    )
+
+
+def test_a_heic_smaller_than_the_reduced_decode_is_kept_whole() -> None:
+    data = _heic(_scene((400, 300)), [])  # short side 300 < decode_min_side 320: nothing to reduce
+    image = decode_upload(data, LIMITS)
+    np.testing.assert_array_equal(image.rgb, _full_decode(data))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    width=st.integers(1, 300),
+    height=st.integers(1, 300),
+    padding=st.integers(0, 9),
+    factor=st.integers(1, 7),
+    corners=st.tuples(*[st.floats(0, 1)] * 4),
+)
+def test_row_buffer_reduces_and_crops_as_pillow_does(
+    width: int, height: int, padding: int, factor: int, corners: tuple[float, float, float, float]
+) -> None:
+    """Any size, any row padding (libheif pads its rows), any box: the same pixels as Pillow's reduce and
+    crop of the whole picture, strips and all."""
+    pixels = np.random.default_rng(width * 1000 + height).integers(0, 256, (height, width, 3), np.uint8)
+    stride = 3 * width + padding
+    rows = np.zeros((height, stride), np.uint8)
+    rows[:, : 3 * width] = pixels.reshape(height, -1)
+    buffer = RowBuffer(memoryview(rows.tobytes()), (width, height), stride)
+    x0, x1 = sorted(round(c * width) for c in corners[:2])
+    y0, y1 = sorted(round(c * height) for c in corners[2:])
+    box = (x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))
+    box = (min(box[0], width - 1), min(box[1], height - 1), min(box[2], width), min(box[3], height))
+    image = Image.fromarray(pixels)
+    np.testing.assert_array_equal(np.asarray(buffer.reduce(factor)), np.asarray(image.reduce(factor)))
+    np.testing.assert_array_equal(
+        np.asarray(buffer.reduce(factor, box=box)), np.asarray(image.reduce(factor, box=box))
+    )
+    np.testing.assert_array_equal(np.asarray(buffer.crop(box)), np.asarray(image.crop(box)))
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_rotated_heic_decoded_in_full_comes_out_upright(orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _heic(_scene((1024, 768)), [], exif=exif.tobytes())  # no thumbnail: decoded in full
+    image = decode_upload(data, LIMITS)
+    full = _full_decode(data)  # libheif applies the rotation: the reference is upright
+    upright = (768, 1024) if orientation in (6, 8) else (1024, 768)
+    assert image.original_size == upright
+    np.testing.assert_array_equal(image.rgb, np.asarray(Image.fromarray(full).reduce(2)))
+
+
+def test_a_heic_with_alpha_is_composited_on_black_by_pillow() -> None:
+    scene = _scene((800, 600)).convert("RGBA")
+    alpha = np.full((600, 800), 255, np.uint8)
+    alpha[:, :200] = 0  # a transparent left border
+    scene.putalpha(Image.fromarray(alpha))
+    data = _heic(scene, [])
+    picture, _, _ = _decode(data, draft_side=None)
+    assert isinstance(picture, Image.Image)  # libheif's RGBA rows are not what to_rgb makes of them
+    assert np.asarray(picture)[:, :190].max() < 16
 
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])
