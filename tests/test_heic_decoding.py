@@ -3,6 +3,7 @@ has the pixels a stage needs; otherwise the photo is decoded in full, as before.
 
 from __future__ import annotations
 
+import gc
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from service.inference.runtime import ModelSet, load_models
+from service.io import decoding
 from service.io.decoding import DecodeLimits, RowBuffer, UploadRejected, _decode, decode_upload, register_heif
 from service.pipeline.stages import Pipeline
 from service.settings import Settings
@@ -100,6 +102,7 @@ def test_a_heic_decoded_in_full_stays_in_libheifs_buffer() -> None:
     picture, _, drafted = _decode(data, draft_side=320)
     assert isinstance(picture, RowBuffer) and not drafted
     assert picture.size == SIZE and picture.stride >= 3 * SIZE[0]
+    gc.collect()  # the Pillow image and pillow-heif's file are gone: the view alone keeps libheif's picture
     full = Image.fromarray(_full_decode(data))
     np.testing.assert_array_equal(np.asarray(picture.reduce(4)), np.asarray(full.reduce(4)))
     np.testing.assert_array_equal(
@@ -110,7 +113,26 @@ def test_a_heic_decoded_in_full_stays_in_libheifs_buffer() -> None:
 def test_a_heic_smaller_than_the_reduced_decode_is_kept_whole() -> None:
     data = _heic(_scene((400, 300)), [])  # short side 300 < decode_min_side 320: nothing to reduce
     image = decode_upload(data, LIMITS)
+    assert isinstance(image._full, RowBuffer)
     np.testing.assert_array_equal(image.rgb, _full_decode(data))
+
+
+def test_a_heic_that_libheif_fails_to_decode_in_full_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever libheif raises while it decodes the picture is the client's file: a 422, never a 500."""
+
+    def fails(image: Image.Image, orientation: int) -> RowBuffer:
+        raise RuntimeError("Invalid input: Unspecified: Bitstream not supported by this decoder")
+
+    monkeypatch.setattr(decoding, "_heif_rows", fails)
+    with pytest.raises(UploadRejected, match="could not be decoded"):
+        decode_upload(_heic(_scene((800, 600)), []), LIMITS)
+
+
+def test_a_row_buffer_refuses_a_box_outside_its_picture() -> None:
+    buffer = RowBuffer(memoryview(bytes(3 * 4 * 4)), (4, 4), 12)
+    assert np.asarray(buffer.crop((1, 1, 4, 4))).shape == (3, 3, 3)
+    with pytest.raises(ValueError, match="not inside"):
+        buffer.crop((1, 1, 5, 4))
 
 
 @settings(max_examples=60, deadline=None)
@@ -152,6 +174,7 @@ def test_a_rotated_heic_decoded_in_full_comes_out_upright(orientation: int) -> N
     full = _full_decode(data)  # libheif applies the rotation: the reference is upright
     upright = (768, 1024) if orientation in (6, 8) else (1024, 768)
     assert image.original_size == upright
+    assert isinstance(image._full, RowBuffer)  # libheif's buffer is upright already
     np.testing.assert_array_equal(image.rgb, np.asarray(Image.fromarray(full).reduce(2)))
 
 

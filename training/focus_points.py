@@ -19,7 +19,6 @@ from training.stage_variants import load_saved_features, saved_pools
 from training.tasks.quality import (
     Pools,
     _fit_sharp,
-    _focus_groups,
     _stack,
     choose,
     get_args_parser,
@@ -43,10 +42,7 @@ def inner_specificities(
         labels.append(fold_labels)
     p_sharp, pooled = np.concatenate(scores), _stack(labels)
     rules = {"not_sharp_balanced": args.balanced_sensitivity, "not_sharp": args.target_sensitivity}
-    groups = _focus_groups(pooled, args)
-    return c, {
-        name: specificity_at_sensitivity(p_sharp, pooled, target, groups) for name, target in rules.items()
-    }
+    return c, {name: specificity_at_sensitivity(p_sharp, pooled, target) for name, target in rules.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -136,10 +136,10 @@ class DecodeLimits:
 @dataclass(frozen=True)
 class RowBuffer:
     """An upright 8-bit RGB picture left in its decoder's own buffer (libheif's: 3 bytes a pixel, rows
-    `stride` bytes apart), which Pillow reads a strip of rows at a time. Reducing or cropping it gives the
-    same pixels as Pillow's own `reduce`/`crop` of the whole picture, without ever holding a full-size
-    Pillow copy (4 bytes a pixel): one 12 MP HEIC assessment peaked 92 MB above its start with that copy,
-    67.5 MB without it (README "Sizing")."""
+    `stride` bytes apart), of which Pillow copies only the pixels asked for: a crop copies its box, a
+    reduction one strip of its box at a time. The pixels are those of Pillow's own `reduce`/`crop` of the
+    whole picture, without a full-size Pillow copy of it (4 bytes a pixel): one 12 MP HEIC assessment peaked
+    92 MB above its start with that copy, 67.5 MB without it (README "Sizing")."""
 
     data: memoryview
     size: tuple[int, int]
@@ -154,26 +154,27 @@ class RowBuffer:
         return self.size[1]
 
     def reduce(self, factor: int, box: tuple[int, int, int, int] | None = None) -> Image.Image:
-        """`Image.reduce(factor, box)` of the whole picture, strip by strip: each strip's rows start a
-        multiple of `factor` below the box's top, so every block averages the same pixels."""
+        """`Image.reduce(factor, box)` of the whole picture, strip by strip: each strip starts a multiple of
+        `factor` rows below the box's top, so every block averages the same pixels."""
         left, top, right, bottom = box or (0, 0, *self.size)
         reduced = Image.new("RGB", (math.ceil((right - left) / factor), math.ceil((bottom - top) / factor)))
         step = _STRIP_BLOCKS * factor
         for y in range(top, bottom, step):
-            rows = self._rows(y, min(y + step, bottom))
-            reduced.paste(rows.reduce(factor, box=(left, 0, right, rows.height)), (0, (y - top) // factor))
+            strip = self.crop((left, y, right, min(y + step, bottom)))
+            reduced.paste(strip.reduce(factor), (0, (y - top) // factor))
         return reduced
 
     def crop(self, box: tuple[int, int, int, int]) -> Image.Image:
+        """`Image.crop(box)` for a box inside the picture: only the box's own pixels are copied."""
         left, top, right, bottom = box
-        return self._rows(top, bottom).crop((left, 0, right, bottom - top))
+        if not (0 <= left < right <= self.width and 0 <= top < bottom <= self.height):
+            raise ValueError(f"box {box} is not inside the {self.width}x{self.height} picture")
+        # From the box's first pixel to its last: its rows keep the buffer's stride, the view copies nothing.
+        pixels = self.data[top * self.stride + 3 * left : (bottom - 1) * self.stride + 3 * right]
+        return Image.frombytes("RGB", (right - left, bottom - top), pixels, "raw", "RGB", self.stride)
 
-    def _rows(self, top: int, bottom: int) -> Image.Image:
-        rows = self.data[top * self.stride : bottom * self.stride]  # a view: the strip's copy is Pillow's
-        return Image.frombytes("RGB", (self.width, bottom - top), rows, "raw", "RGB", self.stride)
 
-
-# Output rows per strip: 32 of a 12 MP photo at 1/9 are 288 of its rows, 4.6 MB of Pillow pixels at a time.
+# Output rows per strip: 32 of a 12 MP photo at 1/9 are 288 of its rows, at most 4.6 MB of Pillow pixels.
 _STRIP_BLOCKS = 32
 # What a decode gives: Pillow's pixels, or a HEIC's decoded in full still in libheif's buffer.
 Picture = Image.Image | RowBuffer
