@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from training import device_suite
-from training.stage_variants import _split, load_saved_features, saved_pools
+from training.stage_variants import _split, flag_held, load_saved_features, saved_pools
 from training.tasks.quality import FOCUS_BOUNDS, choose, fit_heads, get_args_parser, predict
 
 POINTS = ("not_sharp", "not_sharp_balanced")
@@ -62,17 +61,10 @@ def describe(saved: dict[str, np.ndarray], called: np.ndarray) -> str:
     suite = ", ".join(
         f"{name} {rates(transform == name)}" for name in np.unique(transform) if name != "as_taken"
     )
-    clean = saved["served_variant"] == 0
-    by_transform = {
-        str(name): dict(zip(saved["served_photo"][rows].tolist(), called[rows].tolist(), strict=True))
-        for name in np.unique(transform)
-        for rows in [clean & (transform == name)]
-    }
-    photos = [p for p in by_transform["as_taken"] if all(p in d for d in by_transform.values())]
-    held = device_suite.consistency({n: [d[p] for p in photos] for n, d in by_transform.items()})
+    held, photos = flag_held(saved, called)
     return (
         f"sensitivity / specificity % as taken {rates(as_taken)} (folds {folds}); {suite}; clean photos' "
-        f"flag unchanged under every transform {100 * held['all_transforms']:.1f} % of {len(photos)}"
+        f"flag unchanged under every transform {100 * held:.1f} % of {photos}"
     )
 
 

@@ -102,13 +102,7 @@ def describe(saved: dict[str, np.ndarray], flagged: np.ndarray, p_acetic: np.nda
         rows = as_taken & np.isin(stage, [0, EXAM_STAGES.index(other)])
         aucs.append(f"{roc_auc_score(stage[rows] == 0, p_acetic[rows]):.3f}")
     clean = variant == 0
-    by_transform = {
-        str(name): dict(zip(saved["served_photo"][rows].tolist(), flagged[rows].tolist(), strict=True))
-        for name in np.unique(transform)
-        for rows in [clean & (transform == name)]
-    }
-    photos = [p for p in by_transform["as_taken"] if all(p in d for d in by_transform.values())]
-    held = device_suite.consistency({n: [d[p] for p in photos] for n, d in by_transform.items()})
+    held, photos = flag_held(saved, flagged)
 
     def range_over_transforms(stage_name: str) -> str:
         rows = stage == EXAM_STAGES.index(stage_name)
@@ -120,8 +114,22 @@ def describe(saved: dict[str, np.ndarray], flagged: np.ndarray, p_acetic: np.nda
         f"acetic flagged per transform {range_over_transforms('acetic')}, "
         f"saline {range_over_transforms('saline')}; "
         f"ROC-AUC acetic vs saline / green {' / '.join(aucs)}; flag unchanged under every transform "
-        f"{100 * held['all_transforms']:.1f} % of {len(photos)} photos"
+        f"{100 * held:.1f} % of {photos} photos"
     )
+
+
+def flag_held(saved: dict[str, np.ndarray], flag: np.ndarray) -> tuple[float, int]:
+    """How often a clean photo's per-crop `flag` is the same under every suite transform as taken, and
+    over how many photos (those served under every transform)."""
+    clean, transform = saved["served_variant"] == 0, saved["served_transform"]
+    by_transform = {
+        str(name): dict(zip(saved["served_photo"][rows].tolist(), flag[rows].tolist(), strict=True))
+        for name in np.unique(transform)
+        for rows in [clean & (transform == name)]
+    }
+    photos = [p for p in by_transform["as_taken"] if all(p in d for d in by_transform.values())]
+    held = device_suite.consistency({n: [d[p] for p in photos] for n, d in by_transform.items()})
+    return held["all_transforms"], len(photos)
 
 
 def load_saved_features(argv: list[str] | None, description: str | None) -> dict[str, np.ndarray]:

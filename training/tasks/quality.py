@@ -43,6 +43,7 @@ import argparse
 import json
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -766,12 +767,21 @@ def not_sharp_threshold(
 ) -> float:
     """The 1 - P(sharp) from which a crop is called not sharp: at least `target` of the not-sharp crops,
     in every one of `groups` (the lowest of their thresholds) when given."""
-    if groups is not None and np.any(not_sharp == 1):
-        with_blurred = np.unique(groups[not_sharp == 1])  # a group without blurred crops bounds nothing
-        return min(
-            not_sharp_threshold(not_sharp[groups == g], score[groups == g], target) for g in with_blurred
-        )
-    return metrics.threshold_for_sensitivity(not_sharp, score, target)
+    return _lowest_per_group(
+        lambda rows: metrics.threshold_for_sensitivity(not_sharp[rows], score[rows], target),
+        not_sharp == 1,
+        groups,
+    )
+
+
+def _lowest_per_group(
+    threshold: Callable[[np.ndarray], float], bounded: np.ndarray, groups: np.ndarray | None
+) -> float:
+    """`threshold` of the rows a boolean mask selects: all of them, or with `groups` the lowest over each
+    group that holds a `bounded` crop (a group without one bounds nothing)."""
+    if groups is None or not np.any(bounded):
+        return threshold(np.ones(bounded.shape, bool))
+    return min(threshold(groups == g) for g in np.unique(groups[bounded]))
 
 
 def _non_acetic_flagged(
@@ -867,14 +877,13 @@ def not_acetic_threshold(
 ) -> float:
     """The P(acetic) under which a crop is called not acetic: at most `max_share` of acetic-acid crops,
     in every one of `groups` (the lowest of their thresholds) when given."""
-    if groups is not None and np.any(stage == 0):
-        with_acetic = np.unique(groups[stage == 0])  # a group without acetic crops bounds nothing
-        return min(
-            not_acetic_threshold(p_stage[groups == g], stage[groups == g], max_share) for g in with_acetic
-        )
-    acetic = np.sort(p_stage[stage == 0, 0])
-    allowed = int(np.floor(max_share * acetic.size))
-    return float(acetic[min(allowed, acetic.size - 1)]) if acetic.size else 0.0
+
+    def within(rows: np.ndarray) -> float:
+        acetic = np.sort(p_stage[rows & (stage == 0), 0])
+        allowed = int(np.floor(max_share * acetic.size))
+        return float(acetic[min(allowed, acetic.size - 1)]) if acetic.size else 0.0
+
+    return _lowest_per_group(within, stage == 0, groups)
 
 
 # --- the run ---------------------------------------------------------------------------------------------
